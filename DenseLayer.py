@@ -1,0 +1,71 @@
+"""Fully connected layer, and the two small layers that sit around it: ReLU and Flatten.
+
+Dense (THEORY.md §3.4 forward, §4.1 backward), with X (N, I), W (I, O), b (O,):
+    Y  = X W + b                    (N, O)
+    dW = X^T dY                     (I, O)
+    db = sum_n dY[n]                (O,)
+    dX = dY W^T                     (N, I)
+ReLU (§3.2, §4.2): y = max(x, 0), dx = dy * [x > 0]  (the derivative at 0 is taken as 0).
+Flatten: a reshape, so its backward is the inverse reshape.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+class Dense:
+    """Y = X W + b with weights (input_size, output_size) and biases (output_size,).
+
+    Weights start ~ N(0, 2 / (input_size + output_size)) (Glorot's normal scaling, as the original
+    used), biases at 0.
+    """
+
+    def __init__(self, input_size, output_size):
+        self.input_size, self.output_size = input_size, output_size
+
+    def init(self, key, dtype=jnp.float32):
+        scale = math.sqrt(2.0 / (self.input_size + self.output_size))
+        weights = jax.random.normal(key, (self.input_size, self.output_size), dtype) * scale
+        return {"weights": weights, "biases": jnp.zeros((self.output_size,), dtype)}
+
+    def forward(self, params, x):
+        """x (N, input_size) -> (y (N, output_size), cache = x)."""
+        return x @ params["weights"] + params["biases"], x
+
+    def backward(self, params, cache, d_y):
+        """d_y (N, output_size) -> (d_x (N, input_size), {"weights", "biases"})."""
+        x = cache
+        d_weights = x.T @ d_y
+        d_biases = d_y.sum(axis=0)
+        d_x = d_y @ params["weights"].T
+        return d_x, {"weights": d_weights, "biases": d_biases}
+
+
+class ReLU:
+    """Elementwise max(x, 0) on an array of any shape; no parameters."""
+
+    def init(self, key, dtype=jnp.float32):
+        return {}
+
+    def forward(self, params, x):
+        return jnp.maximum(x, 0), x
+
+    def backward(self, params, cache, d_y):
+        x = cache
+        return jnp.where(x > 0, d_y, jnp.zeros((), d_y.dtype)), {}
+
+
+class Flatten:
+    """(N, ...) -> (N, features), row-major, so (N, C, H, W) becomes (N, C*H*W); no parameters."""
+
+    def init(self, key, dtype=jnp.float32):
+        return {}
+
+    def forward(self, params, x):
+        # The cache is the input itself, kept only for its shape (under jit this costs nothing).
+        return x.reshape(x.shape[0], -1), x
+
+    def backward(self, params, cache, d_y):
+        return d_y.reshape(cache.shape), {}
