@@ -7,17 +7,27 @@ The maximum passes its input straight through, so the gradient of each window go
 that held the maximum and nowhere else. When several positions tie for the maximum the function is
 not differentiable there, and an implementation has to pick a rule:
     ties="first": the whole gradient goes to the first maximum in row-major order inside the
-                  window (what jnp.argmax picks, and what jax.grad of a max-reduction does too);
+                  window (the position jnp.argmax picks); the default;
     ties="all":   every tied position receives the whole gradient (the original code's
                   `x == max` mask), so a tie multiplies the gradient that flows back.
+(jax.grad of jnp.max follows a third rule, splitting the gradient equally among the ties. All
+three agree wherever the maximum is unique, which is almost everywhere for real-valued inputs.)
 With overlapping windows (S < P) an input position can be the maximum of several windows; its
 gradients from all of them add up.
+
+Two implementations, chosen by the configuration, both checked against autodiff in the tests:
+  * S == P (windows tile the input, the usual case): cropping the input to H_out*P x W_out*P and
+    reshaping it to (N, C, H_out, P, W_out, P) puts every window on two axes of its own. The
+    forward is a max over those axes and the backward a single elementwise pass over the input.
+  * any other S (overlapping windows, or gaps): like the convolution, pooling works on the P*P
+    offset slices of the input (Convolutional.offset_slices). The window maximum is an
+    elementwise maximum of P*P slices; the backward routes dy into the slice that holds it and
+    adds the slices back onto the input grid.
 """
 
-import jax
 import jax.numpy as jnp
 
-from Convolutional import add_windows, extract_windows, output_size
+from Convolutional import add_offset_slices, offset_slices, output_size
 
 
 class MaxPool:
@@ -37,25 +47,53 @@ class MaxPool:
     def init(self, key, dtype=jnp.float32):
         return {}
 
-    def _flat_windows(self, x):
-        """x (N, C, H, W) -> windows (N, C, P*P, H_out, W_out), window positions in row-major order."""
-        windows = extract_windows(x, self.pool_size, self.stride)
-        N, C, P, _, H_out, W_out = windows.shape
-        return windows.reshape(N, C, P * P, H_out, W_out)
-
     def forward(self, params, x):
         """x (N, C, H, W) -> (y (N, C, H_out, W_out), cache = x)."""
-        return self._flat_windows(x).max(axis=2), x
+        if self.stride == self.pool_size:
+            return self._tiles(x).max(axis=(3, 5)), x
+        y = None
+        for x_slice in offset_slices(x, self.pool_size, self.stride).values():
+            y = x_slice if y is None else jnp.maximum(y, x_slice)
+        return y, x
 
     def backward(self, params, cache, d_y):
         """d_y (N, C, H_out, W_out) -> (d_x (N, C, H, W), {})."""
         x = cache
-        windows = self._flat_windows(x)
-        if self.ties == "all":
-            routes = windows == windows.max(axis=2, keepdims=True)
-        else:
-            routes = jax.nn.one_hot(windows.argmax(axis=2), windows.shape[2], axis=2, dtype=bool)
-        d_windows = jnp.where(routes, d_y[:, :, None], jnp.zeros((), d_y.dtype))
-        N, C, _, H_out, W_out = windows.shape
-        d_windows = d_windows.reshape(N, C, self.pool_size, self.pool_size, H_out, W_out)
-        return add_windows(d_windows, x.shape[2:], self.stride), {}
+        # y is recomputed rather than cached: under jit XLA shares it with the forward pass.
+        y, _ = self.forward(params, x)
+        if self.stride == self.pool_size:
+            return self._tiles_backward(x, y, d_y), {}
+        zero = jnp.zeros((), d_y.dtype)
+        d_slices = {}
+        already_routed = jnp.zeros(y.shape, bool)
+        for offset, x_slice in offset_slices(x, self.pool_size, self.stride).items():
+            is_max = x_slice == y
+            if self.ties == "first":
+                # Offsets come in row-major order, so the first slice to match takes the gradient.
+                is_max, already_routed = is_max & ~already_routed, already_routed | is_max
+            d_slices[offset] = jnp.where(is_max, d_y, zero)
+        return add_offset_slices(d_slices, x.shape[2:], self.stride), {}
+
+    def _tiles(self, x):
+        """x (N, C, H, W) -> (N, C, H_out, P, W_out, P): tile (h, w) is [:, :, h, :, w, :]. Needs S == P."""
+        N, C, H, W = x.shape
+        P = self.pool_size
+        H_out, W_out = H // P, W // P
+        return x[:, :, :H_out * P, :W_out * P].reshape(N, C, H_out, P, W_out, P)
+
+    def _tiles_backward(self, x, y, d_y):
+        """The backward for S == P: each input position gets its tile's d_y if it is the routed maximum."""
+        N, C, H, W = x.shape
+        P = self.pool_size
+        H_out, W_out = y.shape[2:]
+        is_max = self._tiles(x) == y[:, :, :, None, :, None]
+        if self.ties == "first":
+            # Number the positions of a tile row-major (i*P + j); the smallest number among the
+            # maxima takes the gradient.
+            position = (jnp.arange(P)[:, None, None] * P + jnp.arange(P)).reshape(1, 1, 1, P, 1, P)
+            first = jnp.min(jnp.where(is_max, position, P * P), axis=(3, 5), keepdims=True)
+            is_max = position == first
+        d_tiles = jnp.where(is_max, d_y[:, :, :, None, :, None], jnp.zeros((), d_y.dtype))
+        # Rows and columns that no window covered (the floor in H_out) get zero gradient.
+        return jnp.pad(d_tiles.reshape(N, C, H_out * P, W_out * P),
+                       ((0, 0), (0, 0), (0, H - H_out * P), (0, W - W_out * P)))

@@ -1,0 +1,65 @@
+"""The two oracles the gradient tests judge by: JAX's autodiff (jax.vjp) and central finite differences.
+
+Both are allowed here and only here (tests/ and benchmarks/): the project's own code never differentiates
+automatically. Errors are relative, max|a - b| / max(|a| + |b|), so they mean the same at any scale.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def relative_error(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = np.max(np.abs(a) + np.abs(b))
+    return 0.0 if scale == 0 else float(np.max(np.abs(a - b)) / scale)
+
+
+def layer_errors_vs_vjp(layer, params, x, d_y):
+    """Runs layer.backward and jax.vjp of layer.forward with the same upstream d_y.
+    Returns {"d_x": error, "d_<param>": error, ...}, one relative error per array."""
+
+    @jax.jit  # one compilation per shape instead of one per primitive: keeps the suite fast
+    def both(params, x, d_y):
+        _, cache = layer.forward(params, x)
+        ours = layer.backward(params, cache, d_y)
+        _, vjp = jax.vjp(lambda p, x: layer.forward(p, x)[0], params, x)
+        reference_grads, reference_d_x = vjp(d_y)
+        return ours, (reference_d_x, reference_grads)
+
+    assert jax.eval_shape(lambda: layer.forward(params, x)[0]).shape == d_y.shape
+    (d_x, grads), (reference_d_x, reference_grads) = both(params, x, d_y)
+    assert set(grads) == set(params), "grads must have exactly the keys of params"
+    errors = {"d_x": relative_error(d_x, reference_d_x)}
+    for name in params:
+        assert grads[name].shape == params[name].shape, name
+        errors["d_" + name] = relative_error(grads[name], reference_grads[name])
+    return errors
+
+
+def numerical_gradient(f, x, h=1e-6):
+    """Central differences of the scalar function f at every element of the float64 array x."""
+    x = np.array(x, np.float64)
+    grad = np.zeros_like(x)
+    for index in np.ndindex(x.shape):
+        saved = x[index]
+        # jnp.array copies: jnp.asarray may share x's memory, which the next line changes.
+        x[index] = saved + h
+        plus = float(f(jnp.array(x)))
+        x[index] = saved - h
+        minus = float(f(jnp.array(x)))
+        x[index] = saved
+        grad[index] = (plus - minus) / (2 * h)
+    return grad
+
+
+def layer_errors_vs_finite_differences(layer, params, x, d_y):
+    """Like layer_errors_vs_vjp, judged by finite differences of sum(forward(params, x) * d_y)."""
+    _, cache = layer.forward(params, x)
+    d_x, grads = layer.backward(params, cache, d_y)
+    weighted = jax.jit(lambda p, x: jnp.sum(layer.forward(p, x)[0] * d_y))
+    errors = {"d_x": relative_error(d_x, numerical_gradient(lambda v: weighted(params, v), x))}
+    for name in params:
+        numeric = numerical_gradient(lambda v: weighted(dict(params, **{name: v}), x), params[name])
+        errors["d_" + name] = relative_error(grads[name], numeric)
+    return errors

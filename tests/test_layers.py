@@ -1,0 +1,264 @@
+"""Every hand-written backward pass against autodiff, finite differences and a naive loop oracle.
+
+Would a wrong sign, index or transpose in a layer's backward make one of these fail? Each check below
+compares every gradient array elementwise with an independent reference on random inputs with a
+random upstream gradient, so any such slip changes some element by O(1) relative to the scale and
+lands far above the 1e-9 bound.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from Convolutional import Convolutional
+from DenseLayer import Dense, Flatten, ReLU
+from Pooling_layer import MaxPool
+from gradcheck import layer_errors_vs_finite_differences, layer_errors_vs_vjp, relative_error
+from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
+from naive import conv_backward_naive, conv_forward_naive
+
+VJP_BOUND = 1e-9
+FINITE_DIFFERENCE_BOUND = 1e-6
+F64 = jnp.float64
+
+
+def random_arrays(rng, *shapes):
+    return [jnp.asarray(rng.standard_normal(shape)) for shape in shapes]
+
+
+def report(name, worst):
+    """One verdict line per layer: the worst error of each gradient array (shown with pytest -s)."""
+    print(f"{name:34s} " + "  ".join(f"{array} {error:.1e}" for array, error in sorted(worst.items())))
+
+
+def conv_configs(count, seed=0):
+    """Random convolution configurations over the ranges the layer promises to handle."""
+    rng = np.random.default_rng(seed)
+    configs = []
+    while len(configs) < count:
+        c = dict(N=rng.integers(1, 5), C=rng.integers(1, 4), D=rng.integers(1, 5),
+                 H=rng.integers(5, 14), W=rng.integers(5, 14), K=rng.integers(1, 6),
+                 S=rng.integers(1, 4), P=rng.integers(0, 3), tied=bool(rng.integers(0, 2)))
+        if c["K"] <= min(c["H"], c["W"]) + 2 * c["P"]:
+            configs.append({k: (int(v) if not isinstance(v, bool) else v) for k, v in c.items()})
+    return configs
+
+
+def make_conv(c):
+    return Convolutional((c["C"], c["H"], c["W"]), c["K"], c["D"], padding=c["P"], stride=c["S"],
+                         tied_biases=c["tied"])
+
+
+def conv_case(c, rng):
+    layer = make_conv(c)
+    params = layer.init(jax.random.PRNGKey(0), F64)
+    # Non-zero biases, so a bias gradient routed to the wrong position would show.
+    params["biases"] = jnp.asarray(rng.standard_normal(params["biases"].shape))
+    x, d_y = random_arrays(rng, (c["N"], c["C"], c["H"], c["W"]), (c["N"],) + layer.output_shape)
+    return layer, params, x, d_y
+
+
+def test_convolution_matches_vjp_over_random_configurations():
+    rng = np.random.default_rng(1)
+    worst = {}
+    for c in conv_configs(16):
+        layer, params, x, d_y = conv_case(c, rng)
+        for array, error in layer_errors_vs_vjp(layer, params, x, d_y).items():
+            worst[array] = max(worst.get(array, 0.0), error)
+            assert error <= VJP_BOUND, f"Convolutional {c}: {array} relative error {error:.2e}"
+    report("Convolutional vs jax.vjp", worst)
+
+
+def test_convolution_matches_naive_loops():
+    rng = np.random.default_rng(2)
+    # The loops are slow: keep to configurations with few multiply-adds.
+    small = [c for c in conv_configs(40, seed=3) if c["N"] * c["D"] * c["C"] * c["H"] * c["W"] * c["K"] ** 2 < 8000]
+    assert len(small) >= 5
+    for c in small[:6]:
+        layer, params, x, d_y = conv_case(c, rng)
+        y, d_x, grads = jax.jit(lambda p, x, d_y: (layer.forward(p, x)[0],)
+                                + layer.backward(p, layer.forward(p, x)[1], d_y))(params, x, d_y)
+        w, b = np.asarray(params["weights"]), np.asarray(params["biases"])
+        y_naive = conv_forward_naive(np.asarray(x), w, b, c["S"], c["P"])
+        d_x_naive, d_w_naive, d_b_naive = conv_backward_naive(np.asarray(x), w, np.asarray(d_y), c["S"],
+                                                               c["P"], c["tied"])
+        assert relative_error(y, y_naive) <= 1e-12, c
+        assert relative_error(d_x, d_x_naive) <= 1e-12, c
+        assert relative_error(grads["weights"], d_w_naive) <= 1e-12, c
+        assert relative_error(grads["biases"], d_b_naive) <= 1e-12, c
+
+
+def test_convolution_forward_matches_lax_conv():
+    """A third, independent opinion on the forward: XLA's own convolution."""
+    rng = np.random.default_rng(4)
+    for c in conv_configs(8, seed=5):
+        c["tied"] = True
+        layer, params, x, _ = conv_case(c, rng)
+        expected = jax.lax.conv_general_dilated(x, params["weights"], (c["S"], c["S"]),
+                                                [(c["P"], c["P"])] * 2) + params["biases"][:, None, None]
+        assert relative_error(jax.jit(layer.forward)(params, x)[0], expected) <= 1e-12, c
+
+
+@pytest.mark.parametrize("pool_size, stride", [(2, 2), (3, 3), (2, 1), (3, 2), (3, 1), (2, 3), (1, 1)])
+@pytest.mark.parametrize("ties", ["first", "all"])
+def test_max_pool_matches_vjp(pool_size, stride, ties):
+    """Random real inputs have no ties, so both rules must agree with autodiff exactly. Includes
+    overlapping windows (stride < pool), gaps (stride > pool) and sizes that leave a remainder."""
+    rng = np.random.default_rng(pool_size * 10 + stride)
+    layer = MaxPool(pool_size, stride, ties)
+    worst = {}
+    for N, C, H, W in [(1, 1, 5, 5), (2, 3, 7, 6), (3, 2, 9, 13), (4, 1, 12, 8)]:
+        (x,) = random_arrays(rng, (N, C, H, W))
+        d_y = jnp.asarray(rng.standard_normal((N,) + layer.output_shape((C, H, W))))
+        for array, error in layer_errors_vs_vjp(layer, {}, x, d_y).items():
+            worst[array] = max(worst.get(array, 0.0), error)
+            assert error <= VJP_BOUND, f"MaxPool({pool_size}, {stride}, {ties}) on {x.shape}: {error:.2e}"
+    report(f"MaxPool({pool_size},{stride},{ties}) vs jax.vjp", worst)
+
+
+@pytest.mark.parametrize("layer, x_shape, y_shape", [
+    (Dense(7, 5), (3, 7), (3, 5)),
+    (Dense(1, 1), (1, 1), (1, 1)),
+    (Dense(845, 64), (2, 845), (2, 64)),
+    (ReLU(), (3, 2, 4, 5), (3, 2, 4, 5)),
+    (Flatten(), (3, 2, 4, 5), (3, 40)),
+    (Softmax(), (4, 10), (4, 10)),
+])
+def test_small_layers_match_vjp(layer, x_shape, y_shape):
+    rng = np.random.default_rng(7)
+    params = layer.init(jax.random.PRNGKey(1), F64)
+    params = {name: jnp.asarray(rng.standard_normal(value.shape)) for name, value in params.items()}
+    x, d_y = random_arrays(rng, x_shape, y_shape)
+    errors = layer_errors_vs_vjp(layer, params, x, d_y)
+    report(f"{type(layer).__name__} vs jax.vjp", errors)
+    for array, error in errors.items():
+        assert error <= VJP_BOUND, f"{type(layer).__name__}: {array} relative error {error:.2e}"
+
+
+def test_losses_match_vjp():
+    rng = np.random.default_rng(8)
+    logits = jnp.asarray(rng.standard_normal((5, 10)))
+    targets = jax.nn.one_hot(jnp.asarray(rng.integers(0, 10, 5)), 10, dtype=F64)
+    probabilities = Softmax().forward({}, logits)[0]  # all well inside [1e-7, 1 - 1e-7]: no clipping
+    for loss, inputs in [(SoftmaxCrossEntropy(), logits), (CategoricalCrossEntropy(), probabilities)]:
+        value, cache = loss.forward(inputs, targets)
+        reference_value, reference_grad = jax.value_and_grad(lambda v: loss.forward(v, targets)[0])(inputs)
+        assert relative_error(value, reference_value) <= 1e-14
+        error = relative_error(loss.backward(cache), reference_grad)
+        report(f"{type(loss).__name__} vs jax.grad", {"d_input": error})
+        assert error <= VJP_BOUND
+
+
+@pytest.mark.parametrize("make_layer, x_shape", [
+    (lambda: Convolutional((2, 6, 5), 3, 2, padding=1, stride=2, tied_biases=True), (2, 2, 6, 5)),
+    (lambda: Convolutional((1, 5, 5), 2, 2, tied_biases=False), (1, 1, 5, 5)),
+    (lambda: MaxPool(2, 2, "first"), (2, 2, 5, 4)),
+    (lambda: MaxPool(3, 1, "all"), (1, 2, 5, 5)),
+    (lambda: Dense(6, 4), (3, 6)),
+    (lambda: ReLU(), (2, 3, 4)),
+    (lambda: Flatten(), (2, 3, 2, 2)),
+    (lambda: Softmax(), (3, 5)),
+])
+def test_layers_match_finite_differences(make_layer, x_shape):
+    rng = np.random.default_rng(9)
+    layer = make_layer()
+    params = {name: jnp.asarray(rng.standard_normal(value.shape))
+              for name, value in layer.init(jax.random.PRNGKey(2), F64).items()}
+    (x,) = random_arrays(rng, x_shape)
+    d_y = jnp.asarray(rng.standard_normal(layer.forward(params, x)[0].shape))
+    errors = layer_errors_vs_finite_differences(layer, params, x, d_y)
+    report(f"{type(layer).__name__} vs finite differences", errors)
+    for array, error in errors.items():
+        assert error <= FINITE_DIFFERENCE_BOUND, f"{type(layer).__name__}: {array} {error:.2e}"
+
+
+def test_fused_gradient_equals_softmax_then_cross_entropy_without_clipping():
+    rng = np.random.default_rng(10)
+    logits = jnp.asarray(rng.standard_normal((4, 10)) * 3)
+    targets = jax.nn.one_hot(jnp.asarray([3, 0, 9, 5]), 10, dtype=F64)
+    fused_loss, fused_cache = SoftmaxCrossEntropy().forward(logits, targets)
+    probabilities, softmax_cache = Softmax().forward({}, logits)
+    loss, cache = CategoricalCrossEntropy().forward(probabilities, targets)
+    d_logits, _ = Softmax().backward({}, softmax_cache, CategoricalCrossEntropy().backward(cache))
+    assert relative_error(fused_loss, loss) <= 1e-14
+    assert relative_error(SoftmaxCrossEntropy().backward(fused_cache), d_logits) <= 1e-12
+    np.testing.assert_allclose(SoftmaxCrossEntropy().backward(fused_cache),
+                               (probabilities - targets) / 4, rtol=1e-12, atol=1e-15)
+
+
+def test_fused_gradient_differs_where_clipping_is_active():
+    """Sample 0: the target's probability is ~1e-13 < eps, clipped up to 1e-7. Sample 1: the target's
+    probability rounds to 1 > 1 - eps, clipped down. In both the original's gradient -y / clip(p)
+    is not the derivative of the clipped loss, and the chained result departs from p - y."""
+    logits = jnp.asarray([[0.0, 30.0, 0, 0], [40.0, 0, 0, 0]])
+    targets = jnp.asarray([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    p, softmax_cache = Softmax().forward({}, logits)
+    _, cache = CategoricalCrossEntropy().forward(p, targets)
+    chained, _ = Softmax().backward({}, softmax_cache, CategoricalCrossEntropy().backward(cache))
+    fused = SoftmaxCrossEntropy().backward(SoftmaxCrossEntropy().forward(logits, targets)[1])
+    np.testing.assert_allclose(fused, (p - targets) / 2, rtol=1e-12)
+    # Sample 0: fused says about -1/2 for the target logit; chained says p(p - 1) / 1e-7 / 2, tiny.
+    assert float(fused[0, 0]) == pytest.approx(-0.5, rel=1e-9)
+    assert float(chained[0, 0]) == pytest.approx(float(p[0, 0] * (p[0, 0] - 1) / 1e-7 / 2), rel=1e-9)
+    assert abs(float(chained[0, 0])) < 1e-5
+    # Sample 1: the chained gradient is scaled by p / (1 - 1e-7) > 1, off by about 1e-7 relative.
+    assert relative_error(chained[1], fused[1]) > 1e-8
+
+
+# Deliberate ties: every 2x2 window below has its maximum at least twice.
+TIED_INPUT = [[1, 1, 0, 2],
+              [0, 1, 2, 2],
+              [3, 0, 5, 4],
+              [0, 3, 1, 5]]
+
+
+@pytest.mark.parametrize("ties, expected", [
+    # "first": the first maximum in row-major order inside each window takes the whole gradient.
+    ("first", [[1, 0, 0, 2],
+               [0, 0, 0, 0],
+               [3, 0, 4, 0],
+               [0, 0, 0, 0]]),
+    # "all": every position equal to its window's maximum takes the whole gradient.
+    ("all", [[1, 1, 0, 2],
+             [0, 1, 2, 2],
+             [3, 0, 4, 0],
+             [0, 3, 0, 4]]),
+])
+def test_max_pool_tie_rules_tiled(ties, expected):
+    layer = MaxPool(2, 2, ties)
+    x = jnp.asarray(TIED_INPUT, F64)[None, None]
+    y, cache = layer.forward({}, x)
+    np.testing.assert_array_equal(y[0, 0], [[1, 2], [3, 5]])
+    d_x, _ = layer.backward({}, cache, jnp.asarray([[1.0, 2.0], [3.0, 4.0]])[None, None])
+    np.testing.assert_array_equal(d_x[0, 0], expected)
+
+
+@pytest.mark.parametrize("ties, expected", [
+    # Windows over columns 0-1 and 1-2, both with maximum 1; column 1 is in both.
+    ("first", [[1, 10, 0], [0, 0, 0]]),
+    ("all", [[1, 11, 10], [0, 0, 0]]),
+])
+def test_max_pool_tie_rules_overlapping(ties, expected):
+    layer = MaxPool(2, 1, ties)
+    x = jnp.asarray([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])[None, None]
+    y, cache = layer.forward({}, x)
+    np.testing.assert_array_equal(y[0, 0], [[1, 1]])
+    d_x, _ = layer.backward({}, cache, jnp.asarray([[1.0, 10.0]])[None, None])
+    np.testing.assert_array_equal(d_x[0, 0], expected)
+
+
+def test_parameter_shapes_and_init():
+    conv = Convolutional((1, 28, 28), 3, 5, tied_biases=False, weight_init="normal")
+    params = conv.init(jax.random.PRNGKey(0))
+    assert params["weights"].shape == (5, 1, 3, 3) and params["biases"].shape == (5, 26, 26)
+    assert params["weights"].dtype == jnp.float32
+    np.testing.assert_array_equal(params["weights"], jax.random.normal(jax.random.PRNGKey(0), (5, 1, 3, 3),
+                                                                       jnp.float32))
+    assert Convolutional((3, 9, 7), 3, 4, padding=1, stride=2).init(jax.random.PRNGKey(0))["biases"].shape == (4,)
+    assert Convolutional((3, 9, 7), 3, 4, padding=1, stride=2).output_shape == (4, 5, 4)
+    dense = Dense(845, 64).init(jax.random.PRNGKey(0))
+    assert dense["weights"].shape == (845, 64) and dense["biases"].shape == (64,)
+    assert float(jnp.std(dense["weights"])) == pytest.approx((2 / (845 + 64)) ** 0.5, rel=0.02)
+    with pytest.raises(ValueError, match="does not fit"):
+        Convolutional((1, 4, 4), 5, 2)
