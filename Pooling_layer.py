@@ -10,7 +10,7 @@ not differentiable there, and an implementation has to pick a rule:
                   window (the position jnp.argmax picks); the default;
     ties="all":   every tied position receives the whole gradient (the original code's
                   `x == max` mask), so a tie multiplies the gradient that flows back.
-(jax.grad of jnp.max follows a third rule, splitting the gradient equally among the ties. All
+(JAX's autodiff of jnp.max follows a third rule, splitting the gradient equally among the ties. All
 three agree wherever the maximum is unique, which is almost everywhere for real-valued inputs.)
 With overlapping windows (S < P) an input position can be the maximum of several windows; its
 gradients from all of them add up.
