@@ -56,24 +56,34 @@ def _read_checksums(data_dir):
         return {}
     sums = {}
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                digest, name = line.split()
-                sums[name.lstrip("*")] = digest.lower()
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 2 or len(fields[0]) != 64:
+                raise DataError(f"{path}: line {number} is not '<sha256 hex> <file name>'; "
+                                "fix it, or delete SHA256SUMS to skip the checks")
+            sums[fields[1].lstrip("*")] = fields[0].lower()
     return sums
 
 
 def _parse_idx(raw, path, magic, dims):
     """Header check and parse: returns the uint8 array of shape (count, *sizes) for `dims` dimensions."""
     header_size = 4 + 4 * dims
-    if len(raw) < header_size:
+    if len(raw) < 4:
         raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; "
                         "the file is truncated, replace it")
     found_magic = struct.unpack(">i", raw[:4])[0]
     if found_magic != magic:
-        raise DataError(f"{path}: magic number {found_magic}, expected {magic} "
-                        f"({'images' if magic == IMAGE_MAGIC else 'labels'}); "
+        # The magic number is 0, 0, a data-type code (0x08: unsigned byte), the number of dimensions.
+        type_code, found_dims = raw[2], raw[3]
+        raise DataError(f"{path}: magic number {found_magic} (type code 0x{type_code:02X}, {found_dims} "
+                        f"dimensions), expected {magic} (type 0x08 unsigned bytes, {dims} dimensions, "
+                        f"{'images' if magic == IMAGE_MAGIC else 'labels'}); "
                         "is this the right file under the right name?")
+    if len(raw) < header_size:
+        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; "
+                        "the file is truncated, replace it")
     shape = struct.unpack(f">{dims}I", raw[4:header_size])
     expected = header_size + int(np.prod(shape))
     if len(raw) != expected:
