@@ -15,14 +15,14 @@ three agree wherever the maximum is unique, which is almost everywhere for real-
 With overlapping windows (S < P) an input position can be the maximum of several windows; its
 gradients from all of them add up.
 
-Two implementations, chosen by the configuration, both checked against autodiff in the tests:
-  * S == P (windows tile the input, the usual case): cropping the input to H_out*P x W_out*P and
-    reshaping it to (N, C, H_out, P, W_out, P) puts every window on two axes of its own. The
-    forward is a max over those axes and the backward a single elementwise pass over the input.
-  * any other S (overlapping windows, or gaps): like the convolution, pooling works on the P*P
-    offset slices of the input (Convolutional.offset_slices). The window maximum is an
-    elementwise maximum of P*P slices; the backward routes dy into the slice that holds it and
-    adds the slices back onto the input grid.
+Like the convolution, pooling works on the P*P offset slices of the input
+(Convolutional.offset_slices): slice (i, j) holds x[n, c, S*h + i, S*w + j] for every window (h, w).
+The window maximum is the elementwise maximum of the P*P slices; the backward routes dy into the
+slice that holds it, then puts the slices back onto the input grid. When windows tile the input
+(S == P, the usual case) every input position belongs to at most one slice, so putting them back
+is a plain interleaving (stack and reshape); otherwise overlapping contributions are added up
+(Convolutional.add_offset_slices). Everything is elementwise, so XLA fuses the whole backward
+into one pass.
 """
 
 import jax.numpy as jnp
@@ -49,8 +49,6 @@ class MaxPool:
 
     def forward(self, params, x):
         """x (N, C, H, W) -> (y (N, C, H_out, W_out), cache = x)."""
-        if self.stride == self.pool_size:
-            return self._tiles(x).max(axis=(3, 5)), x
         y = None
         for x_slice in offset_slices(x, self.pool_size, self.stride).values():
             y = x_slice if y is None else jnp.maximum(y, x_slice)
@@ -61,8 +59,6 @@ class MaxPool:
         x = cache
         # y is recomputed rather than cached: under jit XLA shares it with the forward pass.
         y, _ = self.forward(params, x)
-        if self.stride == self.pool_size:
-            return self._tiles_backward(x, y, d_y), {}
         zero = jnp.zeros((), d_y.dtype)
         d_slices = {}
         already_routed = jnp.zeros(y.shape, bool)
@@ -72,28 +68,14 @@ class MaxPool:
                 # Offsets come in row-major order, so the first slice to match takes the gradient.
                 is_max, already_routed = is_max & ~already_routed, already_routed | is_max
             d_slices[offset] = jnp.where(is_max, d_y, zero)
-        return add_offset_slices(d_slices, x.shape[2:], self.stride), {}
-
-    def _tiles(self, x):
-        """x (N, C, H, W) -> (N, C, H_out, P, W_out, P): tile (h, w) is [:, :, h, :, w, :]. Needs S == P."""
-        N, C, H, W = x.shape
-        P = self.pool_size
-        H_out, W_out = H // P, W // P
-        return x[:, :, :H_out * P, :W_out * P].reshape(N, C, H_out, P, W_out, P)
-
-    def _tiles_backward(self, x, y, d_y):
-        """The backward for S == P: each input position gets its tile's d_y if it is the routed maximum."""
+        if self.stride != self.pool_size:
+            return add_offset_slices(d_slices, x.shape[2:], self.stride), {}
+        # Tiling windows: d_x[n, c, P*h + i, P*w + j] = d_slices[i, j][n, c, h, w]. Stacking i on axis
+        # 3 and j on axis 5 gives (N, C, H_out, P, W_out, P), which is that layout once reshaped.
         N, C, H, W = x.shape
         P = self.pool_size
         H_out, W_out = y.shape[2:]
-        is_max = self._tiles(x) == y[:, :, :, None, :, None]
-        if self.ties == "first":
-            # Number the positions of a tile row-major (i*P + j); the smallest number among the
-            # maxima takes the gradient.
-            position = (jnp.arange(P)[:, None, None] * P + jnp.arange(P)).reshape(1, 1, 1, P, 1, P)
-            first = jnp.min(jnp.where(is_max, position, P * P), axis=(3, 5), keepdims=True)
-            is_max = position == first
-        d_tiles = jnp.where(is_max, d_y[:, :, :, None, :, None], jnp.zeros((), d_y.dtype))
+        d_tiles = jnp.stack([jnp.stack([d_slices[i, j] for j in range(P)], axis=-1) for i in range(P)], axis=3)
+        d_x = d_tiles.reshape(N, C, H_out * P, W_out * P)
         # Rows and columns that no window covered (the floor in H_out) get zero gradient.
-        return jnp.pad(d_tiles.reshape(N, C, H_out * P, W_out * P),
-                       ((0, 0), (0, 0), (0, H - H_out * P), (0, W - W_out * P)))
+        return jnp.pad(d_x, ((0, 0), (0, 0), (0, H - H_out * P), (0, W - W_out * P))), {}

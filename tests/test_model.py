@@ -1,0 +1,177 @@
+"""model.py: the whole network's gradients, training, the seed preset, checkpoints and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+from conftest import ROOT
+from data import load_mnist
+from gradcheck import relative_error
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist(os.path.join(ROOT, "data"))
+
+
+@pytest.mark.parametrize("kind", ["modern", "original"])
+def test_network_gradients_match_autodiff(kind):
+    """loss_and_grads of the whole network (float64) against jax.grad of the same forward pass."""
+    network = model.build_network(kind)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64),
+                                    network.init(jax.random.PRNGKey(3)))
+    # Non-zero biases everywhere, so every bias gradient is exercised.
+    params = [{name: value + 0.1 * rng.standard_normal(value.shape) for name, value in layer.items()}
+              for layer in params]
+    x = jnp.asarray(rng.random((3, 1, 28, 28)))
+    labels = jnp.asarray([3, 7, 0])
+
+    def loss_only(params):
+        output, _ = network.forward(params, x)
+        return network.loss.forward(output, jax.nn.one_hot(labels, 10, dtype=jnp.float64))[0]
+
+    loss, grads = jax.jit(network.loss_and_grads)(params, x, labels)
+    reference_loss, reference = jax.jit(jax.value_and_grad(loss_only))(params)
+    assert relative_error(loss, reference_loss) <= 1e-13
+    for index, (ours, theirs) in enumerate(zip(grads, reference)):
+        assert set(ours) == set(theirs)
+        for name in ours:
+            error = relative_error(ours[name], theirs[name])
+            print(f"{kind} layer {index} ({type(network.layers[index]).__name__}) {name}: {error:.1e}")
+            assert error <= 1e-9, (kind, index, name, error)
+
+
+def test_seed_preset_first_epoch_reproduces_the_original(mnist):
+    """The original's first epoch: mean training loss 0.4169 over the first 5,000 images, batch 1."""
+    args = model.parse_args(["--preset", "seed", "--epochs", "1"])
+    network = model.build_network("original")
+    params = network.init(jax.random.split(jax.random.PRNGKey(0))[0])
+    assert params[0]["biases"].shape == (5, 26, 26)
+    np.testing.assert_array_equal(params[0]["weights"],
+                                  jax.random.normal(jax.random.split(jax.random.PRNGKey(0))[0], (5, 1, 3, 3)))
+    _, epochs, _, _ = model.train(network, params, args, *mnist, log=lambda line: None)
+    assert round(epochs[0]["train_loss"], 4) == 0.4169
+    assert epochs[0]["test_accuracy"] > 0.90
+
+
+def run_short(mnist, extra=(), seed=0):
+    args = model.parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32", "--seed", str(seed),
+                             *extra])
+    network = model.build_network("modern")
+    params = network.init(jax.random.split(jax.random.PRNGKey(args.seed))[0])
+    return model.train(network, params, args, *mnist, log=lambda line: None)
+
+
+def test_short_training_learns(mnist):
+    params, epochs, compile_seconds, train_seconds = run_short(mnist)
+    losses = [e["train_loss"] for e in epochs]
+    assert losses[0] < 2.3 and losses[-1] < 0.5 * losses[0], losses
+    assert epochs[-1]["test_accuracy"] > 0.85  # chance is 0.10
+    assert 0 < compile_seconds <= train_seconds
+    assert all(params[0]["weights"].dtype == jnp.float32 for _ in params)
+
+
+def test_same_flags_give_the_same_numbers(mnist):
+    first, second = run_short(mnist), run_short(mnist)
+    assert [e["train_loss"] for e in first[1]] == [e["train_loss"] for e in second[1]]
+    np.testing.assert_array_equal(first[0][4]["weights"], second[0][4]["weights"])
+    other_seed = run_short(mnist, seed=1)
+    assert [e["train_loss"] for e in other_seed[1]] != [e["train_loss"] for e in first[1]]
+
+
+def test_diverging_learning_rate_is_reported(mnist):
+    with pytest.raises(model.UsageError, match=r"epoch 1: .*smaller --lr"):
+        run_short(mnist, extra=("--lr", "1e6", "--momentum", "0"))
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    network = model.build_network("modern")
+    params = network.init(jax.random.PRNGKey(5))
+    path = str(tmp_path / "net.npz")
+    model.save_checkpoint(path, params, "modern")
+    loaded = model.load_checkpoint(path, network.init(jax.random.PRNGKey(6)), "modern")
+    for a, b in zip(params, loaded):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+    assert os.listdir(tmp_path) == ["net.npz"]  # no temporary file left behind
+
+    with pytest.raises(model.UsageError, match="'modern' network .*--preset default"):
+        model.load_checkpoint(path, model.build_network("original").init(jax.random.PRNGKey(0)), "original")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(model.UsageError, match="not a checkpoint"):
+        model.load_checkpoint(str(tmp_path / "junk.npz"), params, "modern")
+    np.savez(tmp_path / "other.npz", network=np.array("modern"), **{"layer0/weights": np.zeros((2, 2))})
+    with pytest.raises(model.UsageError, match="layer0/weights should have shape"):
+        model.load_checkpoint(str(tmp_path / "other.npz"), params, "modern")
+    with pytest.raises(model.UsageError, match="no such file"):
+        model.load_checkpoint(str(tmp_path / "absent.npz"), params, "modern")
+
+
+def run_cli(*flags, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *flags], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "-1"], "--batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--momentum", "1.5"], "--momentum"),
+    (["--train-size", "70000"], "--train-size 70000"),
+    (["--predict", "missing.png"], "missing.png"),
+    (["--load", "missing.npz"], "missing.npz"),
+    (["--eval-only"], "--eval-only needs --load"),
+    (["--epochs", "two"], "--epochs"),
+    (["--preset", "fast"], "--preset"),
+])
+def test_cli_refuses_nonsense_in_one_line(tmp_path, flags, fragment):
+    result = run_cli(*flags, "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "out"),
+                     cwd=tmp_path)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist):
+    """A tiny end-to-end run, then --load --eval-only and --predict on a PNG made from a test digit."""
+    import matplotlib.image
+
+    digit = 255 - mnist[2][0]  # test digit 0 (a 7) drawn dark on light, 28x28
+    big = np.kron(digit, np.ones((3, 3), np.uint8))  # 84x84: resized back down by --predict
+    matplotlib.image.imsave(tmp_path / "seven.png", big, cmap="gray", vmin=0, vmax=255)
+    out = tmp_path / "out"
+    result = run_cli("--train-size", "2000", "--epochs", "2", "--batch-size", "50", "--out-dir", str(out),
+                     "--save", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "seven.png"),
+                     "--data-dir", os.path.join(ROOT, "data"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].startswith("JAX ") and "preset 'default'" in result.stdout
+    assert "epoch   2/2" in result.stdout and "digit 7;" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"config", "epochs", "test_accuracy", "train_seconds", "compile_seconds", "jax_version",
+            "device"} <= set(metrics)
+    assert metrics["config"]["train_size"] == 2000 and metrics["config"]["batch_size"] == 50
+    assert [sorted(e) for e in metrics["epochs"]] == [["epoch", "seconds", "test_accuracy", "train_loss"]] * 2
+    assert 0.5 < metrics["test_accuracy"] <= 1
+    for picture in ["loss_curve.png", "learned_filters.png", "confusion_matrix.png", "misclassified.png"]:
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+
+    again = run_cli("--load", str(tmp_path / "net.npz"), "--eval-only", "--out-dir", str(tmp_path / "eval"),
+                    "--data-dir", os.path.join(ROOT, "data"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    reloaded = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert reloaded["test_accuracy"] == metrics["test_accuracy"] and reloaded["epochs"] == []
+
+    wrong_preset = run_cli("--preset", "seed", "--load", str(tmp_path / "net.npz"), "--eval-only",
+                           "--data-dir", os.path.join(ROOT, "data"), cwd=tmp_path)
+    assert wrong_preset.returncode != 0 and len(wrong_preset.stderr.strip().splitlines()) == 1
