@@ -36,13 +36,15 @@ from data import IMAGE_SIZE, NUM_CLASSES, DataError, load_mnist
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 
 PRESETS = {
-    "default": dict(epochs=15, batch_size=128, lr=0.05, momentum=0.9, schedule="cosine",
-                    train_size=60000, shuffle=True, seed=0),
-    "seed": dict(epochs=10, batch_size=1, lr=0.01, momentum=0.0, schedule="constant",
-                 train_size=5000, shuffle=False, seed=0),
+    "default": dict(epochs=15, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                    schedule="cosine", train_size=60000, shuffle=True, seed=0),
+    "seed": dict(epochs=10, batch_size=1, lr=0.01, momentum=0.0, weight_decay=0.0,
+                 schedule="constant", train_size=5000, shuffle=False, seed=0),
 }
 # The network each preset builds; a checkpoint records it and refuses to load into the other.
 PRESET_NETWORK = {"default": "modern", "seed": "original"}
+# An epoch's mean loss above ten times that of a blind guess (ln 10) means the updates overshoot.
+DIVERGED_LOSS = 10 * math.log(NUM_CLASSES)
 EVAL_CHUNK = 1000  # test images per compiled evaluation step: bounds memory, not accuracy
 
 
@@ -117,11 +119,14 @@ def build_network(kind):
 # SGD, one compiled epoch, compiled evaluation.
 
 
-def sgd_update(params, velocity, grads, lr, momentum):
+def sgd_update(params, velocity, grads, lr, momentum, weight_decay=0.0):
     """params <- params - lr * v with v <- momentum * v + grads (THEORY.md §5).
 
     With momentum 0 there is no velocity (None) and this is plain SGD, params - lr * grads.
+    weight_decay adds the gradient of (weight_decay / 2) * |params|^2 to grads.
     """
+    if weight_decay:
+        grads = jax.tree_util.tree_map(lambda g, p: g + weight_decay * p, grads, params)
     if velocity is None:
         return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), None
     velocity = jax.tree_util.tree_map(lambda v, g: momentum * v + g, velocity, grads)
@@ -133,7 +138,7 @@ def to_input(images_uint8):
     return images_uint8[:, None].astype(jnp.float32) / 255
 
 
-def make_train_epoch(network, momentum):
+def make_train_epoch(network, momentum, weight_decay=0.0):
     """A jitted function running one epoch as a lax.scan over minibatches:
 
     (params, velocity, images (M, 28, 28) uint8, labels (M,), order (steps * B,) int32, the images
@@ -154,7 +159,7 @@ def make_train_epoch(network, momentum):
             params, velocity = carry
             images, labels, lr = batch
             loss, grads = network.loss_and_grads(params, to_input(images), labels)
-            params, velocity = sgd_update(params, velocity, grads, lr, momentum)
+            params, velocity = sgd_update(params, velocity, grads, lr, momentum, weight_decay)
             return (params, velocity), loss
 
         (params, velocity), losses = lax.scan(step, (params, velocity),
@@ -268,6 +273,7 @@ def parse_args(argv=None):
         ("--batch-size", int, "images per SGD step (the last incomplete batch of an epoch is skipped)"),
         ("--lr", float, "learning rate (the peak of the cosine schedule)"),
         ("--momentum", float, "SGD momentum in [0, 1); 0 is plain SGD"),
+        ("--weight-decay", float, "L2 penalty coefficient added to every gradient (0: none)"),
         ("--train-size", int, "use the first N training images"),
         ("--seed", int, "seed for initialisation and shuffling"),
     ]:
@@ -305,6 +311,8 @@ def check_args(args, available_train_images=None):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not (0 <= args.momentum < 1):
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be 0 or more, got {args.weight_decay}")
     if args.train_size < 1:
         raise UsageError(f"--train-size must be at least 1, got {args.train_size}")
     if available_train_images is not None and args.train_size > available_train_images:
@@ -345,7 +353,7 @@ def train(network, params, args, train_images, train_labels, test_images, test_l
     in_order = jnp.arange(steps * args.batch_size, dtype=jnp.int32)
 
     start = time.perf_counter()
-    train_epoch = make_train_epoch(network, momentum).lower(
+    train_epoch = make_train_epoch(network, momentum, args.weight_decay).lower(
         params, velocity, images, labels, in_order, learning_rates(args.schedule, args.lr, 0, args.epochs, steps)
     ).compile()
     compile_seconds = time.perf_counter() - start
@@ -367,9 +375,10 @@ def train(network, params, args, train_images, train_labels, test_images, test_l
         train_loss = float(losses.mean())
         seconds = time.perf_counter() - start
         train_seconds += seconds
-        if not math.isfinite(train_loss):
-            raise UsageError(f"the training loss became {train_loss} in epoch {epoch + 1}: the learning "
-                             f"rate {args.lr} is too large for this run; try a smaller --lr")
+        if not (train_loss <= DIVERGED_LOSS):  # also catches NaN, for which every comparison is False
+            raise UsageError(f"the training loss became {train_loss:.4g} in epoch {epoch + 1} (a blind guess "
+                             f"scores ln 10 = 2.30): the learning rate {args.lr} makes training diverge; "
+                             "try a smaller --lr")
         accuracy = accuracy_of(predict(params, test_padded), test_labels)
         epochs.append({"epoch": epoch + 1, "train_loss": train_loss, "test_accuracy": accuracy,
                        "seconds": seconds})
@@ -506,7 +515,7 @@ def main(argv=None):
     device = describe_device()
     log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
         f"{args.train_size} training images, batch {args.batch_size}, lr {args.lr}, "
-        f"momentum {args.momentum}, {args.epochs} epochs")
+        f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
 
     network = build_network(network_kind)
     init_key = jax.random.split(jax.random.PRNGKey(args.seed))[0]

@@ -56,7 +56,8 @@ def test_seed_preset_first_epoch_reproduces_the_original(mnist):
     params = network.init(jax.random.split(jax.random.PRNGKey(0))[0])
     assert params[0]["biases"].shape == (5, 26, 26)
     np.testing.assert_array_equal(params[0]["weights"],
-                                  jax.random.normal(jax.random.split(jax.random.PRNGKey(0))[0], (5, 1, 3, 3)))
+                                  jax.random.normal(jax.random.split(jax.random.PRNGKey(0))[0], (5, 1, 3, 3),
+                                                    jnp.float32))
     _, epochs, _, _ = model.train(network, params, args, *mnist, log=lambda line: None)
     assert round(epochs[0]["train_loss"], 4) == 0.4169
     assert epochs[0]["test_accuracy"] > 0.90
@@ -88,7 +89,7 @@ def test_same_flags_give_the_same_numbers(mnist):
 
 
 def test_diverging_learning_rate_is_reported(mnist):
-    with pytest.raises(model.UsageError, match=r"epoch 1: .*smaller --lr"):
+    with pytest.raises(model.UsageError, match=r"epoch 1 .*diverge; try a smaller --lr"):
         run_short(mnist, extra=("--lr", "1e6", "--momentum", "0"))
 
 
@@ -175,3 +176,11 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist
     wrong_preset = run_cli("--preset", "seed", "--load", str(tmp_path / "net.npz"), "--eval-only",
                            "--data-dir", os.path.join(ROOT, "data"), cwd=tmp_path)
     assert wrong_preset.returncode != 0 and len(wrong_preset.stderr.strip().splitlines()) == 1
+
+
+def test_nan_loss_stops_training_and_writes_nothing(tmp_path):
+    result = run_cli("--train-size", "1000", "--epochs", "2", "--lr", "1e38", "--out-dir", str(tmp_path / "out"),
+                     "--data-dir", os.path.join(ROOT, "data"), cwd=tmp_path)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "loss became nan in epoch 1" in result.stderr and "smaller --lr" in result.stderr
+    assert not (tmp_path / "out").exists()

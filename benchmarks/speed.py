@@ -1,0 +1,204 @@
+"""How fast are the hand-written gradients? Side by side with the same network trained through jax.grad.
+
+    python benchmarks/speed.py            # the full table; writes benchmarks/results.json
+    python benchmarks/speed.py --quick    # a few steps of everything, to check that it still runs
+
+Both sides run the default network (5 filters 3x3, per-filter biases, 2x2 max-pool, 845 -> 64 -> 10,
+fused softmax-cross-entropy) with plain SGD on the same MNIST images, parameters in the same layout,
+each training step compiled with jax.jit inside a lax.scan over steps, exactly as model.py trains.
+Only the gradient differs: ours comes from the layers' backward methods; the peer's from jax.grad of
+an idiomatic forward (lax.conv_general_dilated, lax.reduce_window, jax.nn.log_softmax).
+Samples per second exclude compilation and warm-up: the median of at least 5 repeats, each at least
+0.2 s long. This file is, with tests/, the only place where autodiff may appear: here as the peer.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax import lax  # noqa: E402
+
+import model  # noqa: E402
+from data import load_mnist  # noqa: E402
+
+
+def peer_loss(params, x, labels):
+    """The default network's mean loss, written the way a JAX user would, for jax.grad."""
+    conv, _, _, _, dense1, _, dense2 = params
+    y = lax.conv_general_dilated(x, conv["weights"], (1, 1), "VALID",
+                                 dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    y = jax.nn.relu(y + conv["biases"][:, None, None])
+    y = lax.reduce_window(y, -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+    y = y.reshape(y.shape[0], -1)
+    y = jax.nn.relu(y @ dense1["weights"] + dense1["biases"])
+    logits = y @ dense2["weights"] + dense2["biases"]
+    log_p = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
+
+
+def ours_loss_and_grads(network):
+    return network.loss_and_grads
+
+
+def peer_loss_and_grads(network):
+    return jax.value_and_grad(peer_loss)
+
+
+def make_run(loss_and_grads, lr=0.01):
+    """A jitted function: (params, batches of images (steps, B, 28, 28) uint8, labels (steps, B))
+    -> (params, losses), one plain SGD step per batch inside lax.scan."""
+
+    def run(params, images, labels):
+        def step(params, batch):
+            batch_images, batch_labels = batch
+            loss, grads = loss_and_grads(params, model.to_input(batch_images), batch_labels)
+            return model.sgd_update(params, None, grads, lr, 0.0)[0], loss
+
+        return lax.scan(step, params, (images, labels))
+
+    return jax.jit(run)
+
+
+def batches(images, labels, batch_size, steps):
+    count = batch_size * steps
+    reps = -(-count // len(images))
+    images = jnp.tile(images, (reps, 1, 1))[:count].reshape(steps, batch_size, 28, 28)
+    labels = jnp.tile(labels, reps)[:count].reshape(steps, batch_size)
+    return images, labels
+
+
+def measure(run, params, images, labels, batch_size, repeats, min_seconds, quick):
+    """(compile seconds, median samples/s, steps per repeat) of `run` at this batch size."""
+    probe_steps = 4 if quick else 20
+    probe = batches(images, labels, batch_size, probe_steps)
+    start = time.perf_counter()
+    compiled = run.lower(params, *probe).compile()
+    compile_seconds = time.perf_counter() - start
+    jax.block_until_ready(compiled(params, *probe))  # warm-up
+    steps = probe_steps
+    if not quick:  # grow the scan until one repeat takes at least min_seconds
+        while True:
+            data = batches(images, labels, batch_size, steps)
+            compiled = run.lower(params, *data).compile()
+            jax.block_until_ready(compiled(params, *data))
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(params, *data))
+            if time.perf_counter() - start >= min_seconds:
+                break
+            steps *= 2
+    data = batches(images, labels, batch_size, steps)
+    compiled = run.lower(params, *data).compile()
+    jax.block_until_ready(compiled(params, *data))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(params, *data))
+        times.append(time.perf_counter() - start)
+    return compile_seconds, batch_size * steps / statistics.median(times), steps
+
+
+def same_step(network, params, images, labels):
+    """Largest relative differences of loss and updated parameters after one step, ours vs peer."""
+    x, y = images[None, :8], labels[None, :8]
+    ours_params, ours_loss = make_run(ours_loss_and_grads(network))(params, x, y)
+    peer_params, peer_loss_value = make_run(peer_loss_and_grads(network))(params, x, y)
+    loss_error = float(abs(ours_loss[0] - peer_loss_value[0]) / abs(peer_loss_value[0]))
+    param_error = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                      for a, b in zip(jax.tree_util.tree_leaves(ours_params), jax.tree_util.tree_leaves(peer_params)))
+    return loss_error, param_error
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def whole_runs(mnist, quick):
+    """Seconds of training (compile included) for --preset seed, and of one default 60,000-image epoch."""
+    quiet = lambda line: None  # noqa: E731
+    seed_args = model.parse_args(["--preset", "seed"] + (["--epochs", "1", "--train-size", "200"] if quick else []))
+    network = model.build_network("original")
+    params = network.init(jax.random.split(jax.random.PRNGKey(0))[0])
+    _, _, seed_compile, seed_total = model.train(network, params, seed_args, *mnist, log=quiet)
+
+    default_args = model.parse_args(["--epochs", "1"] + (["--train-size", "1280"] if quick else []))
+    network = model.build_network("modern")
+    params = network.init(jax.random.split(jax.random.PRNGKey(0))[0])
+    _, epochs, default_compile, _ = model.train(network, params, default_args, *mnist, log=quiet)
+    return {"seed_preset_train_seconds": seed_total, "seed_preset_compile_seconds": seed_compile,
+            "seed_preset_epoch_seconds": (seed_total - seed_compile) / seed_args.epochs,
+            "default_epoch_seconds": epochs[0]["seconds"], "default_epoch_images": default_args.train_size,
+            "default_compile_seconds": default_compile}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps of everything, no timing claims")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results.json"),
+                        help="where to write the results (default: %(default)s)")
+    args = parser.parse_args(argv)
+    repeats, min_seconds = (1, 0.0) if args.quick else (7, 0.2)
+
+    mnist = load_mnist(os.path.join(ROOT, "data"))
+    images, labels = jnp.asarray(mnist[0][:8192]), jnp.asarray(mnist[1][:8192], jnp.int32)
+    network = model.build_network("modern")
+    params = network.init(jax.random.PRNGKey(0))
+
+    loss_error, param_error = same_step(network, params, images, labels)
+    rows = []
+    for batch_size in (1, 32, 128):
+        row = {"batch_size": batch_size}
+        for name, make in (("ours", ours_loss_and_grads), ("jax_grad", peer_loss_and_grads)):
+            compile_seconds, rate, steps = measure(make_run(make(network)), params, images, labels, batch_size,
+                                                   repeats, min_seconds, args.quick)
+            row[name] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps}
+        row["time_ratio_ours_over_jax_grad"] = row["jax_grad"]["samples_per_second"] / row["ours"]["samples_per_second"]
+        rows.append(row)
+
+    results = {
+        "quick": args.quick,
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "jax_version": jax.__version__,
+                    "device": model.describe_device()},
+        "same_step": {"loss_relative_difference": loss_error, "params_relative_difference": param_error},
+        "training_step": rows,
+        "whole_runs": whole_runs(mnist, args.quick),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+    machine = results["machine"]
+    print(f"{machine['cpu']}, {machine['cores']} cores, JAX {machine['jax_version']} on {machine['device']}"
+          + ("  [--quick: not a measurement]" if args.quick else ""))
+    print(f"one step, ours vs jax.grad: loss differs by {loss_error:.1e}, parameters by {param_error:.1e} (relative)")
+    print(f"{'batch':>5} | {'ours samples/s':>14} | {'jax.grad samples/s':>18} | {'time ours/peer':>14} | "
+          f"{'compile ours':>12} | {'compile peer':>12}")
+    for row in rows:
+        print(f"{row['batch_size']:>5} | {row['ours']['samples_per_second']:>14,.0f} | "
+              f"{row['jax_grad']['samples_per_second']:>18,.0f} | {row['time_ratio_ours_over_jax_grad']:>14.2f} | "
+              f"{row['ours']['compile_seconds']:>10.2f} s | {row['jax_grad']['compile_seconds']:>10.2f} s")
+    runs = results["whole_runs"]
+    print(f"--preset seed: {runs['seed_preset_train_seconds']:.2f} s of training, compile included "
+          f"({runs['seed_preset_epoch_seconds']:.3f} s per 5,000-image epoch)")
+    print(f"default: one {runs['default_epoch_images']:,}-image epoch at batch 128 in "
+          f"{runs['default_epoch_seconds']:.3f} s (compile {runs['default_compile_seconds']:.2f} s)")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
