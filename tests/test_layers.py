@@ -32,6 +32,18 @@ def report(name, worst):
     print(f"{name:34s} " + "  ".join(f"{array} {error:.1e}" for array, error in sorted(worst.items())))
 
 
+def random_params(layer, rng, key):
+    """The layer's parameters in float64, every entry standard normal (biases too, so that a bias
+    gradient sent to the wrong place would show)."""
+    return {name: jnp.asarray(rng.standard_normal(value.shape)) for name, value in layer.init(key, F64).items()}
+
+
+def assert_within(name, errors, bound):
+    report(name, errors)
+    for array, error in errors.items():
+        assert error <= bound, f"{name}: {array} relative error {error:.2e}"
+
+
 def conv_configs(count, seed=0):
     """Random convolution configurations over the ranges the layer promises to handle."""
     rng = np.random.default_rng(seed)
@@ -116,13 +128,9 @@ def test_max_pool_matches_vjp(pool_size, stride, ties):
 ])
 def test_small_layers_match_vjp(layer, x_shape, y_shape):
     rng = np.random.default_rng(7)
-    params = layer.init(jax.random.PRNGKey(1), F64)
-    params = {name: jnp.asarray(rng.standard_normal(value.shape)) for name, value in params.items()}
+    params = random_params(layer, rng, jax.random.PRNGKey(1))
     x, d_y = random_arrays(rng, x_shape, y_shape)
-    errors = layer_errors_vs_vjp(layer, params, x, d_y)
-    report(f"{type(layer).__name__} vs jax.vjp", errors)
-    for array, error in errors.items():
-        assert error <= VJP_BOUND, f"{type(layer).__name__}: {array} relative error {error:.2e}"
+    assert_within(f"{type(layer).__name__} vs jax.vjp", layer_errors_vs_vjp(layer, params, x, d_y), VJP_BOUND)
 
 
 def test_losses_match_vjp():
@@ -152,14 +160,11 @@ def test_losses_match_vjp():
 def test_layers_match_finite_differences(make_layer, x_shape):
     rng = np.random.default_rng(9)
     layer = make_layer()
-    params = {name: jnp.asarray(rng.standard_normal(value.shape))
-              for name, value in layer.init(jax.random.PRNGKey(2), F64).items()}
+    params = random_params(layer, rng, jax.random.PRNGKey(2))
     (x,) = random_arrays(rng, x_shape)
     d_y = jnp.asarray(rng.standard_normal(layer.forward(params, x)[0].shape))
-    errors = layer_errors_vs_finite_differences(layer, params, x, d_y)
-    report(f"{type(layer).__name__} vs finite differences", errors)
-    for array, error in errors.items():
-        assert error <= FINITE_DIFFERENCE_BOUND, f"{type(layer).__name__}: {array} {error:.2e}"
+    assert_within(f"{type(layer).__name__} vs finite differences",
+                  layer_errors_vs_finite_differences(layer, params, x, d_y), FINITE_DIFFERENCE_BOUND)
 
 
 def test_fused_gradient_equals_softmax_then_cross_entropy_without_clipping():
