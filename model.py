@@ -229,9 +229,9 @@ def load_checkpoint(path, template, network_kind):
         raise UsageError(f"--load {path}: not a checkpoint written by --save (no network record)")
     saved_kind = str(stored.pop("network"))
     if saved_kind != network_kind:
-        preset = {v: k for k, v in PRESET_NETWORK.items()}[saved_kind] if saved_kind in PRESET_NETWORK.values() else "?"
-        raise UsageError(f"--load {path}: saved from the {saved_kind!r} network (--preset {preset}), "
-                         f"but this run builds the {network_kind!r} one; use the matching --preset")
+        preset_of = {kind: preset for preset, kind in PRESET_NETWORK.items()}
+        raise UsageError(f"--load {path}: saved from the {saved_kind!r} network, but this run builds the "
+                         f"{network_kind!r} one; load it with --preset {preset_of.get(saved_kind, '?')}")
     params = []
     for index, layer_params in enumerate(template):
         loaded = {}
