@@ -4,12 +4,14 @@
 
 Every gradient comes from the layers' own backward methods (THEORY.md §4), chained here in reverse
 order; plain or momentum SGD applies them (THEORY.md §5). JAX only compiles and runs the arrays:
-one training epoch is a single jitted `lax.scan` over its minibatches, with the dataset kept on the
-device as uint8 and each batch gathered and scaled to [0, 1] inside the scan.
+one training epoch is a single jitted function: the dataset stays on the device as uint8, the
+epoch's images are gathered in their shuffled order, and a `lax.scan` steps through the minibatches,
+scaling each to [0, 1] as it goes.
 
 Two presets:
-  --preset default  all 60,000 images, reshuffled every epoch, minibatches with momentum and a cosine
-                    learning-rate decay, per-filter conv biases, fused softmax-cross-entropy.
+  --preset default  all 60,000 images, reshuffled every epoch, minibatches of 128, SGD with momentum,
+                    weight decay and a cosine learning-rate decay, per-filter conv biases, fused
+                    softmax-cross-entropy.
   --preset seed     the original run exactly: the first 5,000 images in file order, one sample per
                     step, lr 0.01, 10 epochs, the original's initialisation, untied conv biases,
                     the `x == max` pooling gradient, and a Softmax layer followed by the clipped
@@ -200,19 +202,34 @@ def learning_rates(schedule, lr, epoch, epochs, steps):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints.
+# Files: every file a run writes goes through write_atomically; checkpoints.
+
+
+def write_atomically(path, write):
+    """Calls write(temporary_path), then renames the result to path, so path is never half-written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def save_checkpoint(path, params, network_kind):
-    """Writes params and the network kind to an .npz file atomically (temporary file, then rename)."""
+    """Writes params and the network kind to an .npz file atomically."""
     arrays = {f"layer{index}/{name}": np.asarray(value)
               for index, layer_params in enumerate(params) for name, value in layer_params.items()}
     arrays["network"] = np.array(network_kind)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **arrays)
-    os.replace(tmp.name, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object, so numpy adds no ".npz" to the name
+            np.savez(f, **arrays)
+
+    write_atomically(path, write)
 
 
 def load_checkpoint(path, template, network_kind):
@@ -417,19 +434,6 @@ def load_png_digit(path):
 # What a run leaves behind: metrics.json and four pictures, each written atomically.
 
 
-def _write_atomically(path, write):
-    """Calls write(temporary_path), then renames the result to path, so path is never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions):
     """metrics.json, loss_curve.png (if anything was trained), learned_filters.png,
     confusion_matrix.png and misclassified.png in out_dir."""
@@ -441,14 +445,14 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
     os.makedirs(out_dir, exist_ok=True)
 
     def save_figure(figure, name):
-        _write_atomically(os.path.join(out_dir, name), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+        write_atomically(os.path.join(out_dir, name), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
         plt.close(figure)
 
     def write_json(tmp):
         with open(tmp, "w") as f:
             json.dump(metrics, f, indent=2)
 
-    _write_atomically(os.path.join(out_dir, "metrics.json"), write_json)
+    write_atomically(os.path.join(out_dir, "metrics.json"), write_json)
 
     if metrics["epochs"]:
         epochs = [e["epoch"] for e in metrics["epochs"]]
