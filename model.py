@@ -19,6 +19,7 @@ Two presets:
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -171,6 +172,7 @@ def make_train_epoch(network, momentum, weight_decay=0.0):
     return jax.jit(train_epoch, donate_argnums=(0, 1))
 
 
+@functools.lru_cache(maxsize=None)  # one compiled evaluation per network, shared by train and main
 def make_predict(network):
     """A jitted function: (params, images (M, 28, 28) uint8, M a multiple of EVAL_CHUNK) ->
     predicted classes (M,), computed EVAL_CHUNK images at a time so memory stays bounded."""
