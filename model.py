@@ -165,8 +165,11 @@ def make_train_epoch(network, momentum, weight_decay=0.0):
             params, velocity = sgd_update(params, velocity, grads, lr, momentum, weight_decay)
             return (params, velocity), loss
 
+        # unroll=2 traces two steps per loop iteration. XLA copies the loop-carried parameters at
+        # the top of every iteration; with two steps per iteration the step in the middle needs no
+        # copy (measured: a batch-1 epoch of the seed preset 0.17 s -> 0.13 s; same arithmetic).
         (params, velocity), losses = lax.scan(step, (params, velocity),
-                                              (batch_images, batch_labels, learning_rates))
+                                              (batch_images, batch_labels, learning_rates), unroll=2)
         return params, velocity, losses
 
     return jax.jit(train_epoch, donate_argnums=(0, 1))
