@@ -15,17 +15,17 @@ three agree wherever the maximum is unique, which is almost everywhere for real-
 With overlapping windows (S < P) an input position can be the maximum of several windows; its
 gradients from all of them add up.
 
-Like the convolution, pooling works on the P*P offset slices of the input
-(Convolutional.offset_slices): slice (i, j) holds x[n, c, S*h + i, S*w + j] for every window (h, w).
-The window maximum is the elementwise maximum of the P*P slices; the backward routes dy into the
-slice that holds it, then puts the slices back onto the input grid. When windows tile the input
-(S == P, the usual case) every input position belongs to at most one slice, so putting them back
-is a plain interleaving (stack and reshape); otherwise overlapping contributions are added up
-(Convolutional.add_offset_slices). Everything is elementwise, so XLA fuses the whole backward
-into one pass.
+The forward is XLA's own windowed reduction (lax.reduce_window with max). The backward works,
+like the convolution's, on the P*P offset slices of the input (Convolutional.offset_slices):
+slice (i, j) holds x[n, c, S*h + i, S*w + j] for every window (h, w), so the slices that equal y are
+where each window's maximum sits. The backward routes dy into those slices, then puts the slices back
+onto the input grid. When windows tile the input (S == P, the usual case) every input position
+belongs to at most one slice, so putting them back is a plain interleaving (stack and reshape);
+otherwise overlapping contributions are added up (Convolutional.add_offset_slices).
 """
 
 import jax.numpy as jnp
+from jax import lax
 
 from Convolutional import add_offset_slices, offset_slices, output_size
 
@@ -48,25 +48,33 @@ class MaxPool:
         return {}
 
     def forward(self, params, x):
-        """x (N, C, H, W) -> (y (N, C, H_out, W_out), cache = x)."""
-        y = None
-        for x_slice in offset_slices(x, self.pool_size, self.stride).values():
-            y = x_slice if y is None else jnp.maximum(y, x_slice)
-        return y, x
+        """x (N, C, H, W) -> (y (N, C, H_out, W_out), cache = x).
+
+        The same maximum could be written as an elementwise maximum of the P*P offset slices, but
+        XLA's CPU compiler would then recompute it inside every later operation that reads y (the
+        next layer, and the comparisons of the backward). A reduction it computes once: per epoch
+        of the seed preset 0.13 s against 0.11 s.
+        """
+        P, S = self.pool_size, self.stride
+        return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, P, P), (1, 1, S, S), "VALID"), x
 
     def backward(self, params, cache, d_y):
         """d_y (N, C, H_out, W_out) -> (d_x (N, C, H, W), {})."""
         x = cache
         # y is recomputed rather than cached: under jit XLA shares it with the forward pass.
         y, _ = self.forward(params, x)
+        x_slices = offset_slices(x, self.pool_size, self.stride)
+        if self.ties == "first":
+            # The index of the first slice, in row-major offset order, that holds the maximum. A
+            # reduction again, so XLA computes it once; a chain of elementwise tests, slice after
+            # slice, was recomputed for every slice (0.80 s against 0.76 s per 60,000-image epoch).
+            no_winner = len(x_slices)
+            winner = jnp.stack([jnp.where(x_slice == y, k, no_winner)
+                                for k, x_slice in enumerate(x_slices.values())]).min(axis=0)
         zero = jnp.zeros((), d_y.dtype)
         d_slices = {}
-        already_routed = jnp.zeros(y.shape, bool)
-        for offset, x_slice in offset_slices(x, self.pool_size, self.stride).items():
-            is_max = x_slice == y
-            if self.ties == "first":
-                # Offsets come in row-major order, so the first slice to match takes the gradient.
-                is_max, already_routed = is_max & ~already_routed, already_routed | is_max
+        for k, (offset, x_slice) in enumerate(x_slices.items()):
+            is_max = winner == k if self.ties == "first" else x_slice == y
             d_slices[offset] = jnp.where(is_max, d_y, zero)
         if self.stride != self.pool_size:
             return add_offset_slices(d_slices, x.shape[2:], self.stride), {}
