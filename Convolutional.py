@@ -145,7 +145,7 @@ class Convolutional:
         x = cache
         H, W = x.shape[2:]
         P, weights = self.padding, params["weights"]
-        # Slices are strided views of x, which is all the cache holds; XLA fuses them into the products.
+        # The cache holds only x; the slices are cut from it here (XLA copies each out once, for its product).
         x_slices = self._input_slices(x)
         # One small (D, H_out*W_out) x (H_out*W_out, C) product per sample, then the sum over n.
         # Contracting n together with (h, w) in one product is the same sum, but XLA then transposes
