@@ -71,6 +71,34 @@ def run_short(mnist, extra=(), seed=0):
     return model.train(network, params, args, *mnist, log=lambda line: None)
 
 
+@pytest.mark.parametrize("steps", [1, 3])  # odd step counts exercise the scan's unroll remainder
+def test_compiled_epoch_equals_steps_taken_one_by_one(steps):
+    """make_train_epoch (gather, lax.scan, unrolling, donation) against the same SGD steps written as
+    a plain Python loop over network.loss_and_grads and sgd_update, with momentum and weight decay."""
+    network = model.build_network("modern")
+    params = network.init(jax.random.PRNGKey(3))
+    velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (20, 28, 28)), jnp.uint8)
+    labels = jnp.asarray(rng.integers(0, 10, 20), jnp.int32)
+    order = jnp.asarray(rng.permutation(20)[:4 * steps], jnp.int32)
+    rates = jnp.linspace(0.05, 0.02, steps, dtype=jnp.float32)
+
+    expected_params, expected_velocity, expected_losses = params, velocity, []
+    for step, batch in enumerate(np.asarray(order).reshape(steps, 4)):
+        loss, grads = network.loss_and_grads(expected_params, model.to_input(images[batch]), labels[batch])
+        expected_params, expected_velocity = model.sgd_update(expected_params, expected_velocity, grads,
+                                                              rates[step], 0.9, 5e-4)
+        expected_losses.append(float(loss))
+
+    train_epoch = model.make_train_epoch(network, momentum=0.9, weight_decay=5e-4)
+    got_params, got_velocity, got_losses = train_epoch(params, velocity, images, labels, order, rates)
+    np.testing.assert_allclose(np.asarray(got_losses), expected_losses, rtol=1e-5)
+    for got, expected in zip(jax.tree_util.tree_leaves((got_params, got_velocity)),
+                             jax.tree_util.tree_leaves((expected_params, expected_velocity))):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_short_training_learns(mnist):
     params, epochs, compile_seconds, train_seconds = run_short(mnist)
     losses = [e["train_loss"] for e in epochs]
