@@ -70,10 +70,8 @@ def _read_checksums(data_dir):
 def _parse_idx(raw, path, magic, dims):
     """Header check and parse: returns the uint8 array of shape (count, *sizes) for `dims` dimensions."""
     header_size = 4 + 4 * dims
-    if len(raw) < 4:
-        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; "
-                        "the file is truncated, replace it")
-    found_magic = struct.unpack(">i", raw[:4])[0]
+    # A file whose first 4 bytes are there but wrong is mislabelled rather than truncated: say so first.
+    found_magic = struct.unpack(">i", raw[:4])[0] if len(raw) >= 4 else magic
     if found_magic != magic:
         # The magic number is 0, 0, a data-type code (0x08: unsigned byte), the number of dimensions.
         type_code, found_dims = raw[2], raw[3]

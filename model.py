@@ -241,8 +241,7 @@ def save_checkpoint(path, params, network_kind):
 def load_checkpoint(path, template, network_kind):
     """Reads a checkpoint written by save_checkpoint into the structure of `template` (the params
     of a freshly initialised network), refusing files that don't fit it."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--load {path}: no such file")
+    require_file("--load", path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             stored = {name: archive[name] for name in archive.files}
@@ -345,10 +344,15 @@ def check_args(args, available_train_images=None):
         raise UsageError(f"--batch-size {args.batch_size} exceeds --train-size {args.train_size}")
     if args.eval_only and not args.load:
         raise UsageError("--eval-only needs --load CHECKPOINT: there is nothing trained to evaluate")
-    if args.load and not os.path.isfile(args.load):
-        raise UsageError(f"--load {args.load}: no such file")
-    if args.predict and not os.path.isfile(args.predict):
-        raise UsageError(f"--predict {args.predict}: no such file")
+    for flag, path in (("--load", args.load), ("--predict", args.predict)):
+        if path:
+            require_file(flag, path)
+
+
+def require_file(flag, path):
+    """Refuses a path given to `flag` that is not an existing file (UsageError, one line)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,6 +439,7 @@ def load_png_digit(path):
         image = 1.0 - image
     small = jax.image.resize(jnp.asarray(image), (IMAGE_SIZE, IMAGE_SIZE), "linear", antialias=True)
     return np.asarray(jnp.clip(jnp.round(small * 255), 0, 255), np.uint8)
+
 
 # ----------------------------------------------------------------------------------------------
 # What a run leaves behind: metrics.json and four pictures, each written atomically.
