@@ -17,7 +17,7 @@ All three are sums over the K*K kernel offsets (i, j). For one offset, x_pad[n, 
 over all (h, w) is a single strided slice of the input, shaped like the output. So dW[:, :, i, j]
 contracts one slice with dy, and dx puts dy mixed by W[:, :, i, j]^T back where that slice came from.
 The offsets are a short Python loop unrolled at trace time; there is no loop over samples, channels
-or pixels, and XLA fuses the slices, products and sums into a few passes over memory. (Stacking the
+or pixels, and XLA turns the slices, products and sums into a few passes over memory. (Stacking the
 slices into one im2col matrix and calling a matrix product was measured 3x to 15x slower on a CPU
 for these small channel counts.) The forward is the same sum; it is handed to XLA's convolution
 for speed (see forward).
