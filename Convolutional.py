@@ -4,16 +4,21 @@ Shape key, used in every comment of this project (THEORY.md §1):
     N batch, C input channels, H x W input size, K kernel size (K x K),
     S stride, P zero padding, D depth (number of filters), H_out x W_out output size,
     H_out = floor((H + 2P - K) / S) + 1, and likewise W_out.
+Layout: images and feature maps are (C, H, W, N), the batch LAST (THEORY.md §1). Every elementwise
+pass, slice and window then runs along N contiguous samples, which a CPU does 8 or 16 at a time;
+with the batch first, XLA's CPU code walks 26-wide rows instead (measured: a 60,000-image epoch at
+batch 128 took 0.74 s with (N, C, H, W), 0.62 s with (C, H, W, N)). Indices below are written in
+storage order, x[c, h, w, n].
 
 Forward (THEORY.md §3.1):
-    y[n, d, h, w] = b[d] + sum_{c, i, j} W[d, c, i, j] * x_pad[n, c, S*h + i, S*w + j]
+    y[d, h, w, n] = b[d] + sum_{c, i, j} W[d, c, i, j] * x_pad[c, S*h + i, S*w + j, n]
 
 Backward (THEORY.md §4.4, derived there step by step):
-    dW[d, c, i, j] = sum_{n, h, w} dy[n, d, h, w] * x_pad[n, c, S*h + i, S*w + j]
-    db[d]          = sum_{n, h, w} dy[n, d, h, w]          (untied biases: sum over n only)
-    dx_pad[n, c, S*h + i, S*w + j] += sum_d W[d, c, i, j] * dy[n, d, h, w],  then crop P.
+    dW[d, c, i, j] = sum_{n, h, w} dy[d, h, w, n] * x_pad[c, S*h + i, S*w + j, n]
+    db[d]          = sum_{n, h, w} dy[d, h, w, n]          (untied biases: sum over n only)
+    dx_pad[c, S*h + i, S*w + j, n] += sum_d W[d, c, i, j] * dy[d, h, w, n],  then crop P.
 
-All three are sums over the K*K kernel offsets (i, j). For one offset, x_pad[n, c, S*h + i, S*w + j]
+All three are sums over the K*K kernel offsets (i, j). For one offset, x_pad[c, S*h + i, S*w + j, n]
 over all (h, w) is a single strided slice of the input, shaped like the output. So dW[:, :, i, j]
 contracts one slice with dy, and dx puts dy mixed by W[:, :, i, j]^T back where that slice came from.
 The offsets are a short Python loop unrolled at trace time; there is no loop over samples, channels
@@ -38,38 +43,39 @@ def output_size(size, window, stride, padding=0):
 def offset_slices(x, window, stride):
     """The input as seen by each offset of a window x window kernel sliding with `stride`.
 
-    x:       (N, C, H, W)
-    returns: a dict {(i, j): slice (N, C, H_out, W_out)} for 0 <= i, j < window, with
-             slice[n, c, h, w] = x[n, c, stride*h + i, stride*w + j]
+    x:       (C, H, W, N)
+    returns: a dict {(i, j): slice (C, H_out, W_out, N)} for 0 <= i, j < window, with
+             slice[c, h, w, n] = x[c, stride*h + i, stride*w + j, n]
     Rows and columns past the last full window are dropped (the floor in output_size).
     """
-    N, C, H, W = x.shape
+    C, H, W, N = x.shape
     H_out, W_out = output_size(H, window, stride), output_size(W, window, stride)
-    return {(i, j): lax.slice(x, (0, 0, i, j),
-                              (N, C, i + stride * (H_out - 1) + 1, j + stride * (W_out - 1) + 1),
-                              (1, 1, stride, stride))
+    return {(i, j): lax.slice(x, (0, i, j, 0),
+                              (C, i + stride * (H_out - 1) + 1, j + stride * (W_out - 1) + 1, N),
+                              (1, stride, stride, 1))
             for i in range(window) for j in range(window)}
 
 
 def add_offset_slices(d_slices, input_hw, stride):
     """The transpose of offset_slices: sums each slice's gradient back where the slice came from.
 
-    d_slices: {(i, j): (N, C, H_out, W_out)}, gradients with respect to offset_slices' outputs
+    d_slices: {(i, j): (C, H_out, W_out, N)}, gradients with respect to offset_slices' outputs
     input_hw: (H, W) of the input that was sliced
-    returns:  (N, C, H, W), d_x[n, c, p, q] = sum of d_slices[(i, j)][n, c, h, w] over all
+    returns:  (C, H, W, N), d_x[c, p, q, n] = sum of d_slices[(i, j)][c, h, w, n] over all
               (i, j, h, w) with stride*h + i = p and stride*w + j = q.
     Where windows overlap (stride < window) their contributions add up, as the chain rule demands.
     """
     H, W = input_hw
     d_x = 0
     for (i, j), d_slice in d_slices.items():
-        H_out, W_out = d_slice.shape[2:]
+        H_out, W_out = d_slice.shape[1:3]
         # Interior padding (stride - 1 zeros between neighbours) spreads the H_out x W_out values
         # to rows i, i+S, ... and columns j, j+S, ...; edge padding fills the rest of the H x W grid.
         d_x = d_x + lax.pad(d_slice, jnp.zeros((), d_slice.dtype),
-                            ((0, 0, 0), (0, 0, 0),
+                            ((0, 0, 0),
                              (i, H - i - stride * (H_out - 1) - 1, stride - 1),
-                             (j, W - j - stride * (W_out - 1) - 1, stride - 1)))
+                             (j, W - j - stride * (W_out - 1) - 1, stride - 1),
+                             (0, 0, 0)))
     return d_x
 
 
@@ -113,48 +119,50 @@ class Convolutional:
         return {"weights": weights, "biases": jnp.zeros(bias_shape, dtype)}
 
     def _input_slices(self, x):
-        """x (N, C, H, W) -> {(i, j): (N, C, H_out, W_out)}, the slices of the zero-padded input."""
+        """x (C, H, W, N) -> {(i, j): (C, H_out, W_out, N)}, the slices of the zero-padded input."""
         P = self.padding
-        x_pad = jnp.pad(x, ((0, 0), (0, 0), (P, P), (P, P)))
+        x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
         return offset_slices(x_pad, self.kernel_size, self.stride)
 
     def forward(self, params, x):
-        """x (N, C, H, W) -> (y (N, D, H_out, W_out), cache = x).
+        """x (C, H, W, N) -> (y (D, H_out, W_out, N), cache = x).
 
         This is XLA's own convolution, computing the sum above. Written out as K*K offset slices
         (as the backward is), the same sum is slower: XLA's CPU compiler fuses that cheap-looking
         elementwise sum into every later operation that reads y and recomputes it there, three
         times per training step, while its convolution is computed once (measured while building
-        this: 2.25 s against 1.32 s for a 60,000-image epoch at batch 128). It also rounds
+        this, with the batch first: 2.25 s against 1.32 s for a 60,000-image epoch at batch 128). It also rounds
         differently, and the original's per-sample run, which amplifies last-bit differences, is
         reproduced to every printed digit only with this one (README.md, "The original run").
         tests/test_layers.py checks this forward against a naive loop over every index.
         """
         P, S = self.padding, self.stride
         y = lax.conv_general_dilated(x, params["weights"], (S, S), ((P, P), (P, P)),
-                                     dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                                     dimension_numbers=("CHWN", "OIHW", "CHWN"))
         biases = params["biases"]
-        return y + (biases[:, None, None] if self.tied_biases else biases), x
+        return y + (biases[:, None, None, None] if self.tied_biases else biases[..., None]), x
 
     def backward(self, params, cache, d_y):
-        """d_y (N, D, H_out, W_out) -> (d_x (N, C, H, W), {"weights": d_weights, "biases": d_biases}).
+        """d_y (D, H_out, W_out, N) -> (d_x (C, H, W, N), {"weights": d_weights, "biases": d_biases}).
 
         Under jax.jit, d_x costs nothing when nobody uses it (the first layer in training):
         XLA removes computations whose results are never read.
         """
         x = cache
-        H, W = x.shape[2:]
+        H, W = x.shape[1:3]
         P, weights = self.padding, params["weights"]
         # The cache holds only x; the slices are cut from it here (XLA copies each out once, for its product).
         x_slices = self._input_slices(x)
-        # One small (D, H_out*W_out) x (H_out*W_out, C) product per sample, then the sum over n.
-        # Contracting n together with (h, w) in one product is the same sum, but XLA then transposes
-        # both operands in memory first (a 60,000-image epoch at batch 128: 0.97 s against 0.81 s).
-        d_weights = jnp.stack([jnp.einsum("nchw,ndhw->ndc", x_slices[i, j], d_y).sum(0)
+        # One small (D, H_out*W_out) x (H_out*W_out, C) product per sample, then the sum over n. At
+        # batch 1 these are the nine matrix-vector products with which the original's run is
+        # reproduced to every printed digit. Contracting n together with (h, w) in one product is the
+        # same sum, but slower, although XLA has to move n to the front for the per-sample products
+        # (a 60,000-image epoch at batch 128: 0.71 s against 0.62 s).
+        d_weights = jnp.stack([jnp.einsum("chwn,dhwn->ndc", x_slices[i, j], d_y).sum(0)
                                for i in range(self.kernel_size) for j in range(self.kernel_size)],
                               axis=-1).reshape(weights.shape)
-        d_biases = d_y.sum(axis=(0, 2, 3)) if self.tied_biases else d_y.sum(axis=0)
-        d_slices = {(i, j): jnp.einsum("ndhw,dc->nchw", d_y, weights[:, :, i, j]) for (i, j) in x_slices}
+        d_biases = d_y.sum(axis=(1, 2, 3)) if self.tied_biases else d_y.sum(axis=3)
+        d_slices = {(i, j): jnp.einsum("dhwn,dc->chwn", d_y, weights[:, :, i, j]) for (i, j) in x_slices}
         d_x_pad = add_offset_slices(d_slices, (H + 2 * P, W + 2 * P), self.stride)
-        d_x = d_x_pad[:, :, P:P + H, P:P + W]
+        d_x = d_x_pad[:, P:P + H, P:P + W, :]
         return d_x, {"weights": d_weights, "biases": d_biases}

@@ -6,7 +6,8 @@ Dense (THEORY.md §3.4 forward, §4.1 backward), with X (N, I), W (I, O), b (O,)
     db = sum_n dY[n]                (O,)
     dX = dY W^T                     (N, I)
 ReLU (§3.2, §4.2): y = max(x, 0), dx = dy * [x > 0]  (the derivative at 0 is taken as 0).
-Flatten: a reshape, so its backward is the inverse reshape.
+Flatten: (C, H, W, N) feature maps to (N, C*H*W) rows, a transpose and a reshape; its backward
+undoes both.
 """
 
 import math
@@ -58,14 +59,19 @@ class ReLU:
 
 
 class Flatten:
-    """(N, ...) -> (N, features), row-major, so (N, C, H, W) becomes (N, C*H*W); no parameters."""
+    """(C, H, W, N) -> (N, C*H*W), features in row-major (c, h, w) order; no parameters.
+
+    The convolutional layers keep the batch last (Convolutional.py explains why); the dense layers
+    take it first, as X W reads, so this is where the batch axis moves to the front.
+    """
 
     def init(self, key, dtype=jnp.float32):
         return {}
 
     def forward(self, params, x):
         # The cache is the input itself, kept only for its shape (under jit this costs nothing).
-        return x.reshape(x.shape[0], -1), x
+        return jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1), x
 
     def backward(self, params, cache, d_y):
-        return d_y.reshape(cache.shape), {}
+        C, H, W, N = cache.shape
+        return jnp.moveaxis(d_y.reshape(N, C, H, W), 0, -1), {}

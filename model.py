@@ -81,7 +81,7 @@ class Network:
         return [layer.init(k) for layer, k in zip(self.layers, keys)]
 
     def forward(self, params, x):
-        """x (N, 1, 28, 28) -> (output (N, 10), caches): probabilities or logits, as the loss expects."""
+        """x (1, 28, 28, N) -> (output (N, 10), caches): probabilities or logits, as the loss expects."""
         caches = []
         for layer, layer_params in zip(self.layers, params):
             x, cache = layer.forward(layer_params, x)
@@ -97,14 +97,14 @@ class Network:
         return grads
 
     def loss_and_grads(self, params, x, labels):
-        """x (N, 1, 28, 28) float, labels (N,) int -> (mean loss over the batch, grads)."""
+        """x (1, 28, 28, N) float, labels (N,) int -> (mean loss over the batch, grads)."""
         output, caches = self.forward(params, x)
         targets = (labels[:, None] == jnp.arange(NUM_CLASSES)).astype(output.dtype)
         loss, loss_cache = self.loss.forward(output, targets)
         return loss, self.backward(params, caches, self.loss.backward(loss_cache))
 
     def probabilities(self, params, x):
-        """x (N, 1, 28, 28) -> class probabilities (N, 10)."""
+        """x (1, 28, 28, N) -> class probabilities (N, 10)."""
         output, _ = self.forward(params, x)
         return self.loss.probabilities(output)
 
@@ -141,8 +141,9 @@ def sgd_update(params, velocity, grads, lr, momentum, weight_decay=0.0):
 
 
 def to_input(images_uint8):
-    """(N, 28, 28) uint8 -> (N, 1, 28, 28) float32 in [0, 1], as the network reads it."""
-    return images_uint8[:, None].astype(jnp.float32) / 255
+    """(N, 28, 28) uint8 -> (1, 28, 28, N) float32 in [0, 1]: one channel, the batch last, as the
+    convolution reads it (Convolutional.py)."""
+    return jnp.moveaxis(images_uint8, 0, -1)[None].astype(jnp.float32) / 255
 
 
 def make_train_epoch(network, momentum, weight_decay=0.0):

@@ -32,9 +32,10 @@ import model  # noqa: E402
 from data import load_mnist  # noqa: E402
 
 
-def peer_loss(params, x, labels):
-    """The default network's mean loss, written the way a JAX user would, for jax.grad."""
+def peer_loss(params, images, labels):
+    """The default network's mean loss, written the way a JAX user would (batch first), for jax.grad."""
     conv, _, _, _, dense1, _, dense2 = params
+    x = images[:, None].astype(jnp.float32) / 255
     y = lax.conv_general_dilated(x, conv["weights"], (1, 1), "VALID",
                                  dimension_numbers=("NCHW", "OIHW", "NCHW"))
     y = jax.nn.relu(y + conv["biases"][:, None, None])
@@ -47,7 +48,7 @@ def peer_loss(params, x, labels):
 
 
 def ours_loss_and_grads(network):
-    return network.loss_and_grads
+    return lambda params, images, labels: network.loss_and_grads(params, model.to_input(images), labels)
 
 
 def peer_loss_and_grads(network):
@@ -56,12 +57,13 @@ def peer_loss_and_grads(network):
 
 def make_run(loss_and_grads, lr=0.01):
     """A jitted function: (params, batches of images (steps, B, 28, 28) uint8, labels (steps, B))
-    -> (params, losses), one plain SGD step per batch inside lax.scan."""
+    -> (params, losses), one plain SGD step per batch inside lax.scan. loss_and_grads takes
+    (params, images (B, 28, 28) uint8, labels (B,)); each side converts the images to its own layout."""
 
     def run(params, images, labels):
         def step(params, batch):
             batch_images, batch_labels = batch
-            loss, grads = loss_and_grads(params, model.to_input(batch_images), batch_labels)
+            loss, grads = loss_and_grads(params, batch_images, batch_labels)
             return model.sgd_update(params, None, grads, lr, 0.0)[0], loss
 
         return lax.scan(step, params, (images, labels), unroll=model.SCAN_UNROLL)

@@ -67,7 +67,7 @@ def conv_case(c, rng):
     params = layer.init(jax.random.PRNGKey(0), F64)
     # Non-zero biases, so a bias gradient routed to the wrong position would show.
     params["biases"] = jnp.asarray(rng.standard_normal(params["biases"].shape))
-    x, d_y = random_arrays(rng, (c["N"], c["C"], c["H"], c["W"]), (c["N"],) + layer.output_shape)
+    x, d_y = random_arrays(rng, (c["C"], c["H"], c["W"], c["N"]), layer.output_shape + (c["N"],))
     return layer, params, x, d_y
 
 
@@ -109,9 +109,9 @@ def test_max_pool_matches_vjp(pool_size, stride, ties):
     rng = np.random.default_rng(pool_size * 10 + stride)
     layer = MaxPool(pool_size, stride, ties)
     worst = {}
-    for N, C, H, W in [(1, 1, 5, 5), (2, 3, 7, 6), (3, 2, 9, 13), (4, 1, 12, 8)]:
-        (x,) = random_arrays(rng, (N, C, H, W))
-        d_y = jnp.asarray(rng.standard_normal((N,) + layer.output_shape((C, H, W))))
+    for C, H, W, N in [(1, 5, 5, 1), (3, 7, 6, 2), (2, 9, 13, 3), (1, 12, 8, 4)]:
+        (x,) = random_arrays(rng, (C, H, W, N))
+        d_y = jnp.asarray(rng.standard_normal(layer.output_shape((C, H, W)) + (N,)))
         for array, error in layer_errors_vs_vjp(layer, {}, x, d_y).items():
             worst[array] = max(worst.get(array, 0.0), error)
             assert error <= VJP_BOUND, f"MaxPool({pool_size}, {stride}, {ties}) on {x.shape}: {error:.2e}"
@@ -123,7 +123,7 @@ def test_max_pool_matches_vjp(pool_size, stride, ties):
     (Dense(1, 1), (1, 1), (1, 1)),
     (Dense(845, 64), (2, 845), (2, 64)),
     (ReLU(), (3, 2, 4, 5), (3, 2, 4, 5)),
-    (Flatten(), (3, 2, 4, 5), (3, 40)),
+    (Flatten(), (2, 4, 5, 3), (3, 40)),
     (Softmax(), (4, 10), (4, 10)),
 ])
 def test_small_layers_match_vjp(layer, x_shape, y_shape):
@@ -148,13 +148,13 @@ def test_losses_match_vjp():
 
 
 @pytest.mark.parametrize("make_layer, x_shape", [
-    (lambda: Convolutional((2, 6, 5), 3, 2, padding=1, stride=2, tied_biases=True), (2, 2, 6, 5)),
-    (lambda: Convolutional((1, 5, 5), 2, 2, tied_biases=False), (1, 1, 5, 5)),
-    (lambda: MaxPool(2, 2, "first"), (2, 2, 5, 4)),
-    (lambda: MaxPool(3, 1, "all"), (1, 2, 5, 5)),
+    (lambda: Convolutional((2, 6, 5), 3, 2, padding=1, stride=2, tied_biases=True), (2, 6, 5, 2)),
+    (lambda: Convolutional((1, 5, 5), 2, 2, tied_biases=False), (1, 5, 5, 1)),
+    (lambda: MaxPool(2, 2, "first"), (2, 5, 4, 2)),
+    (lambda: MaxPool(3, 1, "all"), (2, 5, 5, 1)),
     (lambda: Dense(6, 4), (3, 6)),
     (lambda: ReLU(), (2, 3, 4)),
-    (lambda: Flatten(), (2, 3, 2, 2)),
+    (lambda: Flatten(), (3, 2, 2, 2)),
     (lambda: Softmax(), (3, 5)),
 ])
 def test_layers_match_finite_differences(make_layer, x_shape):
@@ -221,11 +221,11 @@ TIED_INPUT = [[1, 1, 0, 2],
 ])
 def test_max_pool_tie_rules_tiled(ties, expected):
     layer = MaxPool(2, 2, ties)
-    x = jnp.asarray(TIED_INPUT, F64)[None, None]
+    x = jnp.asarray(TIED_INPUT, F64)[None, :, :, None]
     y, cache = layer.forward({}, x)
-    np.testing.assert_array_equal(y[0, 0], [[1, 2], [3, 5]])
-    d_x, _ = layer.backward({}, cache, jnp.asarray([[1.0, 2.0], [3.0, 4.0]])[None, None])
-    np.testing.assert_array_equal(d_x[0, 0], expected)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[1, 2], [3, 5]])
+    d_x, _ = layer.backward({}, cache, jnp.asarray([[1.0, 2.0], [3.0, 4.0]])[None, :, :, None])
+    np.testing.assert_array_equal(d_x[0, :, :, 0], expected)
 
 
 @pytest.mark.parametrize("ties, expected", [
@@ -235,11 +235,11 @@ def test_max_pool_tie_rules_tiled(ties, expected):
 ])
 def test_max_pool_tie_rules_overlapping(ties, expected):
     layer = MaxPool(2, 1, ties)
-    x = jnp.asarray([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])[None, None]
+    x = jnp.asarray([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])[None, :, :, None]
     y, cache = layer.forward({}, x)
-    np.testing.assert_array_equal(y[0, 0], [[1, 1]])
-    d_x, _ = layer.backward({}, cache, jnp.asarray([[1.0, 10.0]])[None, None])
-    np.testing.assert_array_equal(d_x[0, 0], expected)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[1, 1]])
+    d_x, _ = layer.backward({}, cache, jnp.asarray([[1.0, 10.0]])[None, :, :, None])
+    np.testing.assert_array_equal(d_x[0, :, :, 0], expected)
 
 
 def test_parameter_shapes_and_init():

@@ -76,14 +76,14 @@ def test_theory_worked_example():
     """THEORY.md §7, computed with the project's convolution."""
     layer = Convolutional((1, 4, 4), kernel_size=2, depth=1)
     params = {"weights": jnp.asarray([[[[1.0, 0.0], [-1.0, 2.0]]]]), "biases": jnp.asarray([0.5])}
-    x = jnp.asarray([[1, 2, 0, 1], [0, 1, 3, 1], [2, 1, 0, 2], [1, 0, 1, 1]], jnp.float64)[None, None]
-    d_y = jnp.asarray([[1, 0, -1], [0, 2, 0], [-1, 0, 1]], jnp.float64)[None, None]
+    x = jnp.asarray([[1, 2, 0, 1], [0, 1, 3, 1], [2, 1, 0, 2], [1, 0, 1, 1]], jnp.float64)[None, :, :, None]
+    d_y = jnp.asarray([[1, 0, -1], [0, 2, 0], [-1, 0, 1]], jnp.float64)[None, :, :, None]
     y, cache = layer.forward(params, x)
     d_x, grads = layer.backward(params, cache, d_y)
-    np.testing.assert_allclose(y[0, 0], [[3.5, 7.5, -0.5], [0.5, 0.5, 7.5], [1.5, 3.5, 1.5]], atol=1e-12)
+    np.testing.assert_allclose(y[0, :, :, 0], [[3.5, 7.5, -0.5], [0.5, 0.5, 7.5], [1.5, 3.5, 1.5]], atol=1e-12)
     np.testing.assert_allclose(grads["weights"][0, 0], [[1, 8], [-1, 1]], atol=1e-12)
     np.testing.assert_allclose(grads["biases"], [2], atol=1e-12)
-    np.testing.assert_allclose(d_x[0, 0], [[1, 0, -1, 0], [-1, 4, 1, -2], [-1, -2, 5, 0], [1, -2, -1, 2]],
+    np.testing.assert_allclose(d_x[0, :, :, 0], [[1, 0, -1, 0], [-1, 4, 1, -2], [-1, -2, 5, 0], [1, -2, -1, 2]],
                                atol=1e-12)
 
 
