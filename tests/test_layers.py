@@ -74,7 +74,10 @@ def conv_case(c, rng):
 def test_convolution_matches_vjp_over_random_configurations():
     rng = np.random.default_rng(1)
     worst = {}
-    for c in conv_configs(16):
+    configs = conv_configs(16)
+    # Convolutional computes dW one way for a single sample and another for more: test both.
+    assert {c["N"] == 1 for c in configs} == {True, False}
+    for c in configs:
         layer, params, x, d_y = conv_case(c, rng)
         for array, error in layer_errors_vs_vjp(layer, params, x, d_y).items():
             worst[array] = max(worst.get(array, 0.0), error)
@@ -86,7 +89,7 @@ def test_convolution_matches_naive_loops():
     rng = np.random.default_rng(2)
     # The loops are slow: keep to configurations with few multiply-adds.
     small = [c for c in conv_configs(40, seed=3) if c["N"] * c["D"] * c["C"] * c["H"] * c["W"] * c["K"] ** 2 < 8000]
-    assert len(small) >= 5
+    assert len(small) >= 5 and {c["N"] == 1 for c in small[:6]} == {True, False}
     for c in small[:6]:
         layer, params, x, d_y = conv_case(c, rng)
         y, d_x, grads = jax.jit(lambda p, x, d_y: (layer.forward(p, x)[0],)
