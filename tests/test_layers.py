@@ -75,7 +75,7 @@ def test_convolution_matches_vjp_over_random_configurations():
     rng = np.random.default_rng(1)
     worst = {}
     configs = conv_configs(16)
-    # Convolutional computes dW one way for a single sample and another for more: test both.
+    # Single samples (the original's training) and batches, where dW and db also sum over n.
     assert {c["N"] == 1 for c in configs} == {True, False}
     for c in configs:
         layer, params, x, d_y = conv_case(c, rng)
