@@ -5,10 +5,10 @@ Shape key, used in every comment of this project (THEORY.md §1):
     S stride, P zero padding, D depth (number of filters), H_out x W_out output size,
     H_out = floor((H + 2P - K) / S) + 1, and likewise W_out.
 Layout: images and feature maps are (C, H, W, N), the batch LAST (THEORY.md §1). Every elementwise
-pass, slice and window then runs along N contiguous samples, which a CPU does 8 or 16 at a time;
-with the batch first, XLA's CPU code walks 26-wide rows instead (measured: a 60,000-image epoch at
-batch 128 took 0.74 s with (N, C, H, W), 0.62 s with (C, H, W, N)). Indices below are written in
-storage order, x[c, h, w, n].
+pass, slice and window then runs along N contiguous samples, which vector instructions process
+several at a time; with the batch first, XLA's CPU code walks 26-wide rows instead (measured: a
+60,000-image epoch at batch 128 took 0.74 s with (N, C, H, W), 0.61 s with (C, H, W, N)). Indices
+below are written in storage order, x[c, h, w, n].
 
 Forward (THEORY.md §3.1):
     y[d, h, w, n] = b[d] + sum_{c, i, j} W[d, c, i, j] * x_pad[c, S*h + i, S*w + j, n]
@@ -131,9 +131,10 @@ class Convolutional:
         (as the backward is), the same sum is slower: XLA's CPU compiler fuses that cheap-looking
         elementwise sum into every later operation that reads y and recomputes it there, three
         times per training step, while its convolution is computed once (measured while building
-        this, with the batch first: 2.25 s against 1.32 s for a 60,000-image epoch at batch 128). It also rounds
-        differently, and the original's per-sample run, which amplifies last-bit differences, is
-        reproduced to every printed digit only with this one (README.md, "The original run").
+        this, with the batch first: 2.25 s against 1.32 s for a 60,000-image epoch at batch 128).
+        It also rounds differently, and the original's per-sample run, which amplifies last-bit
+        differences, is reproduced to every printed digit only with this one (README.md, "The
+        original run").
         tests/test_layers.py checks this forward against a naive loop over every index.
         """
         P, S = self.padding, self.stride
