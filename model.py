@@ -360,6 +360,12 @@ def require_file(flag, path):
 # Training run.
 
 
+def run_keys(seed):
+    """The two independent PRNG keys a run draws from its --seed: (initialisation, shuffling)."""
+    init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, shuffle_key
+
+
 def describe_device():
     device = jax.devices()[0]
     return f"{device.platform} ({device.device_kind})"
@@ -377,7 +383,7 @@ def train(network, params, args, train_images, train_labels, test_images, test_l
     test_padded = pad_to_chunks(jnp.asarray(test_images))
     predict = make_predict(network)
 
-    shuffle_key = jax.random.split(jax.random.PRNGKey(args.seed))[1]
+    _, shuffle_key = run_keys(args.seed)
     in_order = jnp.arange(steps * args.batch_size, dtype=jnp.int32)
 
     start = time.perf_counter()
@@ -534,7 +540,7 @@ def main(argv=None):
         f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
 
     network = build_network(network_kind)
-    init_key = jax.random.split(jax.random.PRNGKey(args.seed))[0]
+    init_key, _ = run_keys(args.seed)
     params = network.init(init_key)
     if args.load:
         params = load_checkpoint(args.load, params, network_kind)

@@ -137,12 +137,12 @@ def whole_runs(mnist, quick):
     quiet = lambda line: None  # noqa: E731
     seed_args = model.parse_args(["--preset", "seed"] + (["--epochs", "1", "--train-size", "200"] if quick else []))
     network = model.build_network("original")
-    params = network.init(jax.random.split(jax.random.PRNGKey(0))[0])
+    params = network.init(model.run_keys(seed_args.seed)[0])
     _, seed_epochs, seed_compile, seed_total = model.train(network, params, seed_args, *mnist, log=quiet)
 
     default_args = model.parse_args(["--epochs", "1" if quick else "5"] + (["--train-size", "1280"] if quick else []))
     network = model.build_network("modern")
-    params = network.init(jax.random.split(jax.random.PRNGKey(0))[0])
+    params = network.init(model.run_keys(default_args.seed)[0])
     _, default_epochs, default_compile, _ = model.train(network, params, default_args, *mnist, log=quiet)
     return {"seed_preset_train_seconds": seed_total, "seed_preset_compile_seconds": seed_compile,
             "seed_preset_epoch_seconds": statistics.median(epoch["seconds"] for epoch in seed_epochs),

@@ -58,7 +58,7 @@ def test_seed_preset_first_epoch_reproduces_the_original(mnist):
     """The original's first epoch: mean training loss 0.4169 over the first 5,000 images, batch 1."""
     args = model.parse_args(["--preset", "seed", "--epochs", "1"])
     network = model.build_network("original")
-    params = network.init(jax.random.split(jax.random.PRNGKey(0))[0])
+    params = network.init(model.run_keys(0)[0])
     assert params[0]["biases"].shape == (5, 26, 26)
     np.testing.assert_array_equal(params[0]["weights"],
                                   jax.random.normal(jax.random.split(jax.random.PRNGKey(0))[0], (5, 1, 3, 3),
@@ -72,7 +72,7 @@ def run_short(mnist, extra=(), seed=0):
     args = model.parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32", "--seed", str(seed),
                              *extra])
     network = model.build_network("modern")
-    params = network.init(jax.random.split(jax.random.PRNGKey(args.seed))[0])
+    params = network.init(model.run_keys(args.seed)[0])
     return model.train(network, params, args, *mnist, log=lambda line: None)
 
 
