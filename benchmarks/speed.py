@@ -81,26 +81,22 @@ def batches(images, labels, batch_size, steps):
 
 def measure(run, params, images, labels, batch_size, repeats, min_seconds, quick):
     """(compile seconds, median samples/s, steps per repeat) of `run` at this batch size."""
-    probe_steps = 4 if quick else 20
-    probe = batches(images, labels, batch_size, probe_steps)
+    steps = 4 if quick else 20
+    data = batches(images, labels, batch_size, steps)
     start = time.perf_counter()
-    compiled = run.lower(params, *probe).compile()
+    compiled = run.lower(params, *data).compile()
     compile_seconds = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, *probe))  # warm-up
-    steps = probe_steps
+    jax.block_until_ready(compiled(params, *data))  # warm-up
     if not quick:  # grow the scan until one repeat takes at least min_seconds
         while True:
-            data = batches(images, labels, batch_size, steps)
-            compiled = run.lower(params, *data).compile()
-            jax.block_until_ready(compiled(params, *data))
             start = time.perf_counter()
             jax.block_until_ready(compiled(params, *data))
             if time.perf_counter() - start >= min_seconds:
                 break
             steps *= 2
-    data = batches(images, labels, batch_size, steps)
-    compiled = run.lower(params, *data).compile()
-    jax.block_until_ready(compiled(params, *data))
+            data = batches(images, labels, batch_size, steps)
+            compiled = run.lower(params, *data).compile()
+            jax.block_until_ready(compiled(params, *data))  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
