@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import Convolutional as convolutional_module
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
@@ -83,6 +84,21 @@ def test_convolution_matches_vjp_over_random_configurations():
             worst[array] = max(worst.get(array, 0.0), error)
             assert error <= VJP_BOUND, f"Convolutional {c}: {array} relative error {error:.2e}"
     report("Convolutional vs jax.vjp", worst)
+
+
+def test_convolution_weight_gradient_in_blocks(monkeypatch):
+    """For a batch, dW is summed over blocks of whole output rows, DW_BLOCK_COLUMNS columns at most.
+    The configurations above fit in one block; here the blocks hold two rows each, so every layer
+    with more than two output rows needs several, the last one short where the count is odd."""
+    rng = np.random.default_rng(4)
+    batches = [c for c in conv_configs(16, seed=5) if c["N"] > 1 and make_conv(c).output_shape[1] > 2]
+    assert len(batches) >= 4 and any(make_conv(c).output_shape[1] % 2 for c in batches)
+    for c in batches:
+        layer, params, x, d_y = conv_case(c, rng)
+        _, H_out, W_out = layer.output_shape
+        monkeypatch.setattr(convolutional_module, "DW_BLOCK_COLUMNS", 2 * W_out * c["N"])
+        errors = layer_errors_vs_vjp(layer, params, x, d_y)
+        assert errors["d_weights"] <= VJP_BOUND, f"Convolutional {c}: d_weights relative error {errors['d_weights']:.2e}"
 
 
 def test_convolution_matches_naive_loops():
