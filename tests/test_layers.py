@@ -87,9 +87,9 @@ def test_convolution_matches_vjp_over_random_configurations():
 
 
 def test_convolution_weight_gradient_in_blocks(monkeypatch):
-    """For a batch, dW is summed over blocks of whole output rows, DW_BLOCK_COLUMNS columns at most.
-    The configurations above fit in one block; here the blocks hold two rows each, so every layer
-    with more than two output rows needs several, the last one short where the count is odd."""
+    """For a batch, dW is summed over blocks of whole output rows, about DW_BLOCK_COLUMNS columns
+    each. The configurations above fit in one block; here the blocks hold two rows each, so every
+    layer with more than two output rows needs several, the last one short where the count is odd."""
     rng = np.random.default_rng(4)
     batches = [c for c in conv_configs(16, seed=5) if c["N"] > 1 and make_conv(c).output_shape[1] > 2]
     assert len(batches) >= 4 and any(make_conv(c).output_shape[1] % 2 for c in batches)
