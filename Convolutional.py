@@ -35,11 +35,11 @@ import jax.numpy as jnp
 from jax import lax
 
 # For a batch, the weight gradient is one matrix product, dy (D, H_out*W_out*N) times the im2col
-# patches (C*K*K, H_out*W_out*N) transposed (Convolutional.backward). It is computed in blocks of
-# whole output rows, about this many columns each, and the blocks' products summed: each block's
-# operands, 14 rows of about 8192 floats (0.5 MB) for the default network, then stay in a core's
-# cache while the product reads them. Measured, 60,000-image epochs: at batch 128, 0.49 s unblocked and 0.42 s
-# blocked; at batch 256, 0.72 s and 0.49 s.
+# patches (C*K*K, H_out*W_out*N) transposed (Convolutional._batch_weight_gradient). It is computed in
+# blocks of whole output rows, about this many columns each, and the blocks' products summed: each
+# block's operands, 14 rows of about 8192 floats (0.5 MB) for the default network, then stay in a
+# core's cache while the product reads them. Measured, 60,000-image epochs: at batch 128, 0.49 s
+# unblocked and 0.42 s blocked; at batch 256, 0.72 s and 0.49 s.
 DW_BLOCK_COLUMNS = 8192
 
 
@@ -148,7 +148,8 @@ class Convolutional:
                                                    dimension_numbers=("CHWN", "OIHW", "CHWN"))
         D, H_out, W_out, N = d_y.shape
         rows = math.ceil(H_out / math.ceil(H_out * W_out * N / DW_BLOCK_COLUMNS))
-        products = [d_y[:, top:top + rows].reshape(D, -1) @ patches[:, top:top + rows].reshape(len(patches), -1).T
+        products = [d_y[:, top:top + rows].reshape(D, -1)
+                    @ patches[:, top:top + rows].reshape(len(patches), -1).T
                     for top in range(0, H_out, rows)]
         return sum(products[1:], products[0])
 
