@@ -3,14 +3,19 @@
     python benchmarks/speed.py            # the full table; writes benchmarks/results.json
     python benchmarks/speed.py --quick    # a few steps of everything, to check that it still runs
 
-Both sides run the default network (5 filters 3x3, per-filter biases, 2x2 max-pool, 845 -> 64 -> 10,
-fused softmax-cross-entropy) with plain SGD on the same MNIST images, parameters in the same layout,
-each training step compiled with jax.jit inside a lax.scan over steps (unrolled by 2), exactly as
-model.py trains.
-Only the gradient differs: ours comes from the layers' backward methods; the peer's from jax.grad of
-an idiomatic forward (lax.conv_general_dilated, lax.reduce_window, jax.nn.log_softmax).
-Samples per second exclude compilation and warm-up: the median of at least 5 repeats, each at least
-0.2 s long. This file is, with tests/, the only place where autodiff may appear: here as the peer.
+All three sides run the default network (5 filters 3x3, per-filter biases, 2x2 max-pool,
+845 -> 64 -> 10, fused softmax-cross-entropy) with plain SGD on the same MNIST images, parameters in
+the same layout, each training step compiled with jax.jit inside a lax.scan over steps (unrolled by 2),
+exactly as model.py trains. They differ in where the gradient comes from, and in the image layout:
+    ours                    the layers' backward methods, images batch last (C, H, W, N);
+    jax.grad, same layout   jax.grad of the project's own forward (Network.forward), batch last:
+                            only the gradient differs from ours;
+    jax.grad, batch first   jax.grad of the forward as JAX users write it, batch first (N, C, H, W)
+                            (lax.conv_general_dilated, lax.reduce_window, jax.nn.log_softmax).
+Against the first peer the ratio measures the hand-written gradients alone; against the second, the
+hand-written gradients and the batch-last layout together.
+Samples per second exclude compilation and warm-up: the median of 7 repeats, each at least 0.2 s
+long. This file is, with tests/, the only place where autodiff may appear: here as the peers.
 """
 
 import argparse
@@ -29,6 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 import model  # noqa: E402
+from DenseLayer import ReLU  # noqa: E402
 from data import load_mnist  # noqa: E402
 
 
@@ -51,8 +57,36 @@ def ours_loss_and_grads(network):
     return lambda params, images, labels: network.loss_and_grads(params, model.to_input(images), labels)
 
 
-def peer_loss_and_grads(network):
+class AutodiffReLU(ReLU):
+    """ReLU whose autodiff takes the derivative at 0 as 0, as ReLU.backward does (jax.nn.relu's rule);
+    autodiff of jnp.maximum(x, 0) would split it, 0.5, and MNIST's blank background with zero biases
+    puts many pre-activations exactly at 0."""
+
+    def forward(self, params, x):
+        return jax.nn.relu(x), x
+
+
+def same_layout_loss_and_grads(network):
+    """jax.grad of the project's own forward and loss: batch last, XLA's convolution, reduce_window."""
+    peer = model.Network([AutodiffReLU() if isinstance(layer, ReLU) else layer for layer in network.layers],
+                         network.loss)
+
+    def loss(params, images, labels):
+        output, _ = peer.forward(params, model.to_input(images))
+        return peer.loss.forward(output, jax.nn.one_hot(labels, output.shape[-1], dtype=output.dtype))[0]
+
+    return jax.value_and_grad(loss)
+
+
+def batch_first_loss_and_grads(network):
     return jax.value_and_grad(peer_loss)
+
+
+# (key in results.json, column heading, how the step computes its loss and gradients)
+SIDES = [("ours", "ours", ours_loss_and_grads),
+         ("jax_grad_same_layout", "jax.grad, same layout", same_layout_loss_and_grads),
+         ("jax_grad_batch_first", "jax.grad, batch first", batch_first_loss_and_grads)]
+PEERS = SIDES[1:]
 
 
 def make_run(loss_and_grads, lr=0.01):
@@ -105,11 +139,12 @@ def measure(run, params, images, labels, batch_size, repeats, min_seconds, quick
     return compile_seconds, batch_size * steps / statistics.median(times), steps
 
 
-def same_step(network, params, images, labels):
-    """Largest relative differences of loss and updated parameters after one step, ours vs peer."""
+def same_step(network, params, images, labels, peer):
+    """Largest relative differences of loss and updated parameters after one step, ours vs a peer
+    (a function like same_layout_loss_and_grads)."""
     x, y = images[None, :8], labels[None, :8]
     ours_params, ours_loss = make_run(ours_loss_and_grads(network))(params, x, y)
-    peer_params, peer_loss_value = make_run(peer_loss_and_grads(network))(params, x, y)
+    peer_params, peer_loss_value = make_run(peer(network))(params, x, y)
     loss_error = float(abs(ours_loss[0] - peer_loss_value[0]) / abs(peer_loss_value[0]))
     param_error = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
                       for a, b in zip(jax.tree_util.tree_leaves(ours_params), jax.tree_util.tree_leaves(peer_params)))
@@ -160,22 +195,26 @@ def main(argv=None):
     network = model.build_network("modern")
     params = network.init(jax.random.PRNGKey(0))
 
-    loss_error, param_error = same_step(network, params, images, labels)
+    agreement = {}
+    for key, _, make in PEERS:
+        loss_error, param_error = same_step(network, params, images, labels, make)
+        agreement[key] = {"loss_relative_difference": loss_error, "params_relative_difference": param_error}
     rows = []
     for batch_size in (1, 32, 128):
         row = {"batch_size": batch_size}
-        for name, make in (("ours", ours_loss_and_grads), ("jax_grad", peer_loss_and_grads)):
+        for key, _, make in SIDES:
             compile_seconds, rate, steps = measure(make_run(make(network)), params, images, labels, batch_size,
                                                    repeats, min_seconds, args.quick)
-            row[name] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps}
-        row["time_ratio_ours_over_jax_grad"] = row["jax_grad"]["samples_per_second"] / row["ours"]["samples_per_second"]
+            row[key] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps}
+        for key, _, _ in PEERS:
+            row["time_ratio_ours_over_" + key] = row[key]["samples_per_second"] / row["ours"]["samples_per_second"]
         rows.append(row)
 
     results = {
         "quick": args.quick,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "jax_version": jax.__version__,
                     "device": model.describe_device()},
-        "same_step": {"loss_relative_difference": loss_error, "params_relative_difference": param_error},
+        "same_step": agreement,
         "training_step": rows,
         "whole_runs": whole_runs(mnist, args.quick),
     }
@@ -186,13 +225,17 @@ def main(argv=None):
     machine = results["machine"]
     print(f"{machine['cpu']}, {machine['cores']} cores, JAX {machine['jax_version']} on {machine['device']}"
           + ("  [--quick: not a measurement]" if args.quick else ""))
-    print(f"one step, ours vs jax.grad: loss differs by {loss_error:.1e}, parameters by {param_error:.1e} (relative)")
-    print(f"{'batch':>5} | {'ours samples/s':>14} | {'jax.grad samples/s':>18} | {'time ours/peer':>14} | "
-          f"{'compile ours':>12} | {'compile peer':>12}")
+    for key, heading, _ in PEERS:
+        print(f"one step, ours vs {heading}: loss differs by {agreement[key]['loss_relative_difference']:.1e}, "
+              f"parameters by {agreement[key]['params_relative_difference']:.1e} (relative)")
+    print("samples per second (compile seconds), and the time ours takes over each peer's")
+    print(f"{'batch':>5} | " + " | ".join(f"{heading:>21}" for _, heading, _ in SIDES) + " | "
+          + " | ".join(f"ours/{heading[10:]:>11}" for _, heading, _ in PEERS))
     for row in rows:
-        print(f"{row['batch_size']:>5} | {row['ours']['samples_per_second']:>14,.0f} | "
-              f"{row['jax_grad']['samples_per_second']:>18,.0f} | {row['time_ratio_ours_over_jax_grad']:>14.2f} | "
-              f"{row['ours']['compile_seconds']:>10.2f} s | {row['jax_grad']['compile_seconds']:>10.2f} s")
+        print(f"{row['batch_size']:>5} | "
+              + " | ".join(f"{row[key]['samples_per_second']:>11,.0f} ({row[key]['compile_seconds']:.2f} s)"
+                           for key, _, _ in SIDES) + " | "
+              + " | ".join(f"{row['time_ratio_ours_over_' + key]:>16.2f}" for key, _, _ in PEERS))
     runs = results["whole_runs"]
     print(f"--preset seed: {runs['seed_preset_train_seconds']:.2f} s of training, compile included "
           f"(median {runs['seed_preset_epoch_seconds']:.3f} s per {runs['seed_preset_epoch_images']:,}-image epoch)")

@@ -67,12 +67,14 @@ def test_seed_preset_initialises_like_the_original():
 
 
 def run_cli(*flags, cwd):
-    """model.py in a fresh interpreter, as a user runs it: float32 and JAX's default settings (none of
-    this suite's conftest), reading the shipped MNIST unless --data-dir is among the flags."""
+    """model.py in a fresh interpreter, as a user runs it: float32, none of this suite's conftest
+    settings but full-precision matrix products (conftest.py says why), reading the shipped MNIST
+    unless --data-dir is among the flags."""
     if "--data-dir" not in flags:
         flags += ("--data-dir", os.path.join(ROOT, "data"))
     return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *flags], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, timeout=600,
+                          env=dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest"))
 
 
 ORIGINAL_LOSSES = ["0.4169", "0.1493", "0.0792", "0.0412", "0.0220", "0.0148", "0.0064", "0.0032", "0.0017",
