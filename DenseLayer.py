@@ -1,10 +1,10 @@
 """Fully connected layer, and the two small layers that sit around it: ReLU and Flatten.
 
-Dense (THEORY.md §3.4 forward, §4.1 backward), with X (N, I), W (I, O), b (O,):
-    Y  = X W + b                    (N, O)
-    dW = X^T dY                     (I, O)
+Dense (THEORY.md §3.4 forward, §4.1 backward), with X (N, I), weights A (I, O), b (O,):
+    Y  = X A + b                    (N, O)
+    dA = X^T dY                     (I, O)
     db = sum_n dY[n]                (O,)
-    dX = dY W^T                     (N, I)
+    dX = dY A^T                     (N, I)
 ReLU (§3.2, §4.2): y = max(x, 0), dx = dy * [x > 0]  (the derivative at 0 is taken as 0).
 Flatten: (C, H, W, N) feature maps to (N, C*H*W) rows, a reshape and a transpose; its backward
 undoes both.
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 
 class Dense:
-    """Y = X W + b with weights (input_size, output_size) and biases (output_size,).
+    """Y = X A + b with weights A (input_size, output_size) and biases b (output_size,).
 
     Weights start ~ N(0, 2 / (input_size + output_size)) (Glorot's normal scaling, as the original
     used), biases at 0.
@@ -25,6 +25,13 @@ class Dense:
 
     def __init__(self, input_size, output_size):
         self.input_size, self.output_size = input_size, output_size
+
+    def output_shape(self, input_shape):
+        """(input_size,) -> (output_size,)."""
+        if tuple(input_shape) != (self.input_size,):
+            raise ValueError(f"Dense({self.input_size}, {self.output_size}) takes {self.input_size} features, "
+                             f"not an input of shape {tuple(input_shape)}")
+        return (self.output_size,)
 
     def init(self, key, dtype=jnp.float32):
         scale = math.sqrt(2.0 / (self.input_size + self.output_size))
@@ -47,6 +54,9 @@ class Dense:
 class ReLU:
     """Elementwise max(x, 0) on an array of any shape; no parameters."""
 
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
     def init(self, key, dtype=jnp.float32):
         return {}
 
@@ -62,8 +72,12 @@ class Flatten:
     """(C, H, W, N) -> (N, C*H*W), features in row-major (c, h, w) order; no parameters.
 
     The convolutional layers keep the batch last (Convolutional.py explains why); the dense layers
-    take it first, as X W reads, so this is where the batch axis moves to the front.
+    take it first, as X A reads, so this is where the batch axis moves to the front.
     """
+
+    def output_shape(self, input_shape):
+        """(C, H, W) -> (C*H*W,)."""
+        return (math.prod(input_shape),)
 
     def init(self, key, dtype=jnp.float32):
         return {}
@@ -71,8 +85,8 @@ class Flatten:
     def forward(self, params, x):
         # Reshaping (C, H, W, N) to (C*H*W, N) moves no data; the transpose that follows, XLA folds
         # into the next layer's matrix products instead of copying the array (moving the axis first
-        # and reshaping after is the same result, but copied: 0.61 s against 0.58 s for a
-        # 60,000-image epoch at batch 128). The cache is the input itself, kept only for its shape.
+        # and reshaping after is the same result, but copied: PERFORMANCE.md). The cache is the
+        # input itself, kept only for its shape.
         return x.reshape(-1, x.shape[-1]).T, x
 
     def backward(self, params, cache, d_y):

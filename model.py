@@ -57,7 +57,7 @@ NEAR_CHANCE = 0.05
 EVAL_CHUNK = 1000  # test images per compiled evaluation step: bounds memory, not accuracy
 # Training steps traced per loop iteration of the epoch's lax.scan. XLA copies the loop-carried
 # parameters at the top of every iteration; with two steps per iteration the step in the middle
-# needs no copy (measured: a batch-1 epoch of the seed preset 0.142 s -> 0.107 s; same arithmetic).
+# needs no copy (same arithmetic; PERFORMANCE.md has the timings).
 SCAN_UNROLL = 2
 
 
@@ -105,7 +105,7 @@ class Network:
     def loss_and_grads(self, params, x, labels):
         """x (1, 28, 28, N) float, labels (N,) int -> (mean loss over the batch, grads)."""
         output, caches = self.forward(params, x)
-        targets = (labels[:, None] == jnp.arange(NUM_CLASSES)).astype(output.dtype)
+        targets = (labels[:, None] == jnp.arange(output.shape[-1])).astype(output.dtype)
         loss, loss_cache = self.loss.forward(output, targets)
         return loss, self.backward(params, caches, self.loss.backward(loss_cache))
 
@@ -115,17 +115,51 @@ class Network:
         return self.loss.probabilities(output)
 
 
-def build_network(kind):
-    """kind "original": the seed run's network; "modern": the default run's (THEORY.md §6)."""
-    original = kind == "original"
-    conv = Convolutional((1, IMAGE_SIZE, IMAGE_SIZE), kernel_size=3, depth=5,
-                         tied_biases=not original, weight_init="normal" if original else "he")
-    pool = MaxPool(2, 2, ties="all" if original else "first")
-    _, H, W = pool.output_shape(conv.output_shape)
-    layers = [conv, ReLU(), pool, Flatten(), Dense(conv.depth * H * W, 64), ReLU(), Dense(64, NUM_CLASSES)]
-    if original:
-        return Network(layers + [Softmax()], CategoricalCrossEntropy(), shared_init_key=True)
-    return Network(layers, SoftmaxCrossEntropy())
+# Networks as data. Each entry lists its layers from input to output; sizes between layers (a
+# convolution's input channels, the flattened size, the number of classes) are not written here but
+# derived by build_network from the shape each layer's output_shape reports. A new network is a
+# new entry.
+CLASSES = "classes"  # stands for the number of classes, read from the data
+
+
+def conv(kernel_size, depth, **options):
+    return lambda shape, classes: Convolutional(shape, kernel_size, depth, **options)
+
+
+def dense(size):
+    return lambda shape, classes: Dense(shape[0], classes if size == CLASSES else size)
+
+
+def sizeless(layer_class, *args, **options):
+    """A layer whose construction needs no sizes (ReLU, MaxPool, Flatten, Softmax)."""
+    return lambda shape, classes: layer_class(*args, **options)
+
+
+NETWORKS = {
+    # The default run's network (THEORY.md §6).
+    "modern": dict(layers=[conv(3, 5), sizeless(ReLU), sizeless(MaxPool, 2, 2), sizeless(Flatten), dense(64), sizeless(ReLU),
+                           dense(CLASSES)],
+                   loss=SoftmaxCrossEntropy),
+    # The original's: N(0, 1) filters with untied biases, every tied maximum of a pooling window
+    # taking the gradient, a separate softmax and the clipped cross-entropy, and one key shared by
+    # every layer's initialisation.
+    "original": dict(layers=[conv(3, 5, tied_biases=False, weight_init="normal"), sizeless(ReLU),
+                             sizeless(MaxPool, 2, 2, ties="all"), sizeless(Flatten), dense(64), sizeless(ReLU),
+                             dense(CLASSES), sizeless(Softmax)],
+                     loss=CategoricalCrossEntropy, shared_init_key=True),
+}
+
+
+def build_network(kind, input_shape=(1, IMAGE_SIZE, IMAGE_SIZE), num_classes=NUM_CLASSES):
+    """The network NETWORKS[kind] for inputs of input_shape (C, H, W) and num_classes classes."""
+    spec = NETWORKS[kind]
+    layers, shape = [], tuple(input_shape)
+    for make in spec["layers"]:
+        layers.append(make(shape, num_classes))
+        shape = layers[-1].output_shape(shape)
+    if shape != (num_classes,):
+        raise ValueError(f"the {kind!r} network ends in shape {shape}, not one score per class ({num_classes})")
+    return Network(layers, spec["loss"](), shared_init_key=spec.get("shared_init_key", False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,8 +198,8 @@ def make_train_epoch(network, momentum, weight_decay=0.0):
     def train_epoch(params, velocity, images, labels, order, learning_rates):
         steps = learning_rates.shape[0]
         # One gather for the whole epoch, in uint8, then the scan steps through contiguous batches.
-        # (Gathering each batch inside the step was measured 2x slower on a CPU: XLA re-executes the
-        # gather inside every fusion that reads the batch, one per convolution offset.)
+        # (Gathering each batch inside the step is slower on a CPU, PERFORMANCE.md: XLA re-executes
+        # the gather inside every fusion that reads the batch, one per convolution offset.)
         batch_images = images[order].reshape(steps, -1, IMAGE_SIZE, IMAGE_SIZE)
         batch_labels = labels[order].reshape(steps, -1)
 

@@ -63,12 +63,17 @@ def make_conv(c):
                          tied_biases=c["tied"])
 
 
+def output_rows(c):
+    layer = make_conv(c)
+    return layer.output_shape(layer.input_shape)[1]
+
+
 def conv_case(c, rng):
     layer = make_conv(c)
     params = layer.init(jax.random.PRNGKey(0), F64)
     # Non-zero biases, so a bias gradient routed to the wrong position would show.
     params["biases"] = jnp.asarray(rng.standard_normal(params["biases"].shape))
-    x, d_y = random_arrays(rng, (c["C"], c["H"], c["W"], c["N"]), layer.output_shape + (c["N"],))
+    x, d_y = random_arrays(rng, (c["C"], c["H"], c["W"], c["N"]), layer.output_shape(layer.input_shape) + (c["N"],))
     return layer, params, x, d_y
 
 
@@ -91,11 +96,11 @@ def test_convolution_weight_gradient_in_blocks(monkeypatch):
     each. The configurations above fit in one block; here the blocks hold two rows each, so every
     layer with more than two output rows needs several, the last one short where the count is odd."""
     rng = np.random.default_rng(4)
-    batches = [c for c in conv_configs(16, seed=5) if c["N"] > 1 and make_conv(c).output_shape[1] > 2]
-    assert len(batches) >= 4 and any(make_conv(c).output_shape[1] % 2 for c in batches)
+    batches = [c for c in conv_configs(16, seed=5) if c["N"] > 1 and output_rows(c) > 2]
+    assert len(batches) >= 4 and any(output_rows(c) % 2 for c in batches)
     for c in batches:
         layer, params, x, d_y = conv_case(c, rng)
-        _, H_out, W_out = layer.output_shape
+        _, H_out, W_out = layer.output_shape(layer.input_shape)
         monkeypatch.setattr(convolutional_module, "DW_BLOCK_COLUMNS", 2 * W_out * c["N"])
         errors = layer_errors_vs_vjp(layer, params, x, d_y)
         assert errors["d_weights"] <= VJP_BOUND, f"Convolutional {c}: d_weights relative error {errors['d_weights']:.2e}"
@@ -269,9 +274,38 @@ def test_parameter_shapes_and_init():
     np.testing.assert_array_equal(params["weights"], jax.random.normal(jax.random.PRNGKey(0), (5, 1, 3, 3),
                                                                        jnp.float32))
     assert Convolutional((3, 9, 7), 3, 4, padding=1, stride=2).init(jax.random.PRNGKey(0))["biases"].shape == (4,)
-    assert Convolutional((3, 9, 7), 3, 4, padding=1, stride=2).output_shape == (4, 5, 4)
+    assert Convolutional((3, 9, 7), 3, 4, padding=1, stride=2).output_shape((3, 9, 7)) == (4, 5, 4)
     dense = Dense(845, 64).init(jax.random.PRNGKey(0))
     assert dense["weights"].shape == (845, 64) and dense["biases"].shape == (64,)
     assert float(jnp.std(dense["weights"])) == pytest.approx((2 / (845 + 64)) ** 0.5, rel=0.02)
     with pytest.raises(ValueError, match="does not fit"):
         Convolutional((1, 4, 4), 5, 2)
+
+
+@pytest.mark.parametrize("layer, input_shape", [
+    (Convolutional((3, 11, 9), 3, 4, padding=1, stride=2), (3, 11, 9)),
+    (Convolutional((1, 28, 28), 5, 6, padding=2), (1, 28, 28)),
+    (Convolutional((2, 7, 7), 1, 2, tied_biases=False), (2, 7, 7)),
+    (MaxPool(2, 2), (5, 26, 26)),
+    (MaxPool(3, 2), (4, 11, 8)),
+    (MaxPool(2, 3), (1, 9, 10)),
+    (ReLU(), (5, 26, 26)),
+    (ReLU(), (64,)),
+    (Flatten(), (5, 13, 13)),
+    (Dense(845, 64), (845,)),
+    (Softmax(), (10,)),
+])
+def test_every_layer_reports_the_shape_its_forward_returns(layer, input_shape):
+    """One interface: output_shape(input shape of one sample) is the shape forward returns for it,
+    batch axis aside (last for feature maps, first for feature vectors)."""
+    params = layer.init(jax.random.PRNGKey(0), F64)
+    batch = 3
+    x_shape = input_shape + (batch,) if len(input_shape) == 3 else (batch,) + input_shape
+    y = jax.eval_shape(lambda x: layer.forward(params, x)[0], jax.ShapeDtypeStruct(x_shape, F64))
+    sample_shape = y.shape[1:] if len(y.shape) == 2 else y.shape[:-1]
+    assert sample_shape == layer.output_shape(input_shape)
+
+
+def test_dense_refuses_an_input_of_the_wrong_size():
+    with pytest.raises(ValueError, match="takes 845 features"):
+        Dense(845, 64).output_shape((846,))

@@ -218,7 +218,7 @@ def test_same_flags_give_the_same_numbers(mnist):
 
 
 def test_diverging_learning_rate_is_reported(mnist):
-    with pytest.raises(model.UsageError, match=r"epoch 1 .*diverge; try a smaller --lr"):
+    with pytest.raises(model.UsageError, match=r"in epoch 1, .*diverge; try a smaller --lr"):
         run_short(mnist, extra=("--lr", "1e6", "--momentum", "0"))
 
 

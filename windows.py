@@ -1,0 +1,60 @@
+"""Sliding windows, shared by the convolution and the max-pooling (THEORY.md §2, §3.3, §4.3, §4.4).
+
+Both layers look at their input through a K x K window that moves with stride S. Cut out, for each
+offset (i, j) inside the window, the input values that offset sees at every window position, and a
+window operation becomes an operation on K*K arrays shaped like the output: the convolution
+weights and sums them, the pooling takes their maximum. Going backward, each offset's gradient is
+put back where its slice came from (the transpose of the cutting), and where windows overlap the
+contributions add up.
+
+Arrays are (C, H, W, N), the batch last (THEORY.md §1).
+"""
+
+import jax.numpy as jnp
+from jax import lax
+
+
+def output_size(size, window, stride, padding=0):
+    """Number of window positions along one axis: floor((size + 2*padding - window) / stride) + 1."""
+    return (size + 2 * padding - window) // stride + 1
+
+
+def offset_slices(x, window, stride):
+    """The input as seen from each offset (i, j) of a square window, `window` positions on a side,
+    sliding with `stride`.
+
+    x:       (C, H, W, N)
+    returns: a dict {(i, j): slice (C, H_out, W_out, N)} for 0 <= i, j < window, in row-major order
+             of (i, j), with slice[c, h, w, n] = x[c, stride*h + i, stride*w + j, n]
+    Rows and columns past the last full window are dropped (the floor in output_size).
+    """
+    C, H, W, N = x.shape
+    H_out, W_out = output_size(H, window, stride), output_size(W, window, stride)
+    return {(i, j): lax.slice(x, (0, i, j, 0),
+                              (C, i + stride * (H_out - 1) + 1, j + stride * (W_out - 1) + 1, N),
+                              (1, stride, stride, 1))
+            for i in range(window) for j in range(window)}
+
+
+def add_offset_slices(d_slices, input_hw, stride):
+    """The transpose of offset_slices: sums each slice's gradient back where the slice came from.
+
+    d_slices: {(i, j): (C, H_out, W_out, N)}, gradients with respect to offset_slices' outputs
+    input_hw: (H, W) of the input that was sliced
+    returns:  (C, H, W, N), d_x[c, p, q, n] = sum of d_slices[(i, j)][c, h, w, n] over all
+              (i, j, h, w) with stride*h + i = p and stride*w + j = q; positions no window read
+              (the last (H - window) mod stride rows and columns) get 0.
+    Where windows overlap (stride < window) their contributions add up, as the chain rule demands.
+    """
+    H, W = input_hw
+    d_x = 0
+    for (i, j), d_slice in d_slices.items():
+        H_out, W_out = d_slice.shape[1:3]
+        # Interior padding (stride - 1 zeros between neighbours) spreads the H_out x W_out values
+        # to rows i, i+S, ... and columns j, j+S, ...; edge padding fills the rest of the H x W grid.
+        d_x = d_x + lax.pad(d_slice, jnp.zeros((), d_slice.dtype),
+                            ((0, 0, 0),
+                             (i, H - i - stride * (H_out - 1) - 1, stride - 1),
+                             (j, W - j - stride * (W_out - 1) - 1, stride - 1),
+                             (0, 0, 0)))
+    return d_x
