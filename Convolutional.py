@@ -78,7 +78,8 @@ class Convolutional:
         C, K = self.input_shape[0], self.kernel_size
         weights = jax.random.normal(key, (self.depth, C, K, K), dtype)
         if self.weight_init == "he":
-            weights = weights * math.sqrt(2.0 / (C * K * K))
+            # The barrier: see Dense.init (the same weights whether Network.init is compiled or not).
+            weights = lax.optimization_barrier(weights) * math.sqrt(2.0 / (C * K * K))
         bias_shape = (self.depth,) if self.tied_biases else self.output_shape(self.input_shape)
         return {"weights": weights, "biases": jnp.zeros(bias_shape, dtype)}
 

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 class Dense:
@@ -35,7 +36,10 @@ class Dense:
 
     def init(self, key, dtype=jnp.float32):
         scale = math.sqrt(2.0 / (self.input_size + self.output_size))
-        weights = jax.random.normal(key, (self.input_size, self.output_size), dtype) * scale
+        # Network.init compiles every layer's init as one function. The barrier keeps XLA from
+        # folding `scale` into the constant factor inside the draw, which rounds differently: the
+        # weights stay those of the draw times scale, bit for bit, compiled or not.
+        weights = lax.optimization_barrier(jax.random.normal(key, (self.input_size, self.output_size), dtype)) * scale
         return {"weights": weights, "biases": jnp.zeros((self.output_size,), dtype)}
 
     def forward(self, params, x):

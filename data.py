@@ -110,6 +110,9 @@ def load_mnist(data_dir="data"):
         labels uint8 (N,), 0..9.
     Raises DataError (one line: file, problem, remedy) on any missing or malformed file.
     """
+    if os.path.isfile(data_dir):
+        raise DataError(f"data directory {data_dir!r} is a file, not a folder; "
+                        "pass --data-dir the folder that holds the four MNIST IDX files")
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir!r} does not exist; "
                         "pass --data-dir with a folder holding the four MNIST IDX files")

@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -83,8 +84,9 @@ class Network:
         self.shared_init_key = shared_init_key
 
     def init(self, key):
-        keys = [key] * len(self.layers) if self.shared_init_key else jax.random.split(key, len(self.layers))
-        return [layer.init(k) for layer, k in zip(self.layers, keys)]
+        keys = [key] * len(self.layers) if self.shared_init_key else list(jax.random.split(key, len(self.layers)))
+        # Compiled as one function: drawn op by op, each random draw would be compiled on its own.
+        return jax.jit(lambda keys: [layer.init(k) for layer, k in zip(self.layers, keys)])(keys)
 
     def forward(self, params, x):
         """x (1, 28, 28, N) -> (output (N, 10), caches): probabilities or logits, as the loss expects."""
@@ -253,24 +255,47 @@ def learning_rates(schedule, lr, epoch, epochs, steps):
 
 
 def write_atomically(path, write):
-    """Calls write(temporary_path), then renames the result to path, so path is never half-written."""
+    """Calls write(temporary_path), then renames the result to path, so path is never half-written.
+
+    The file gets the permissions the user's umask gives a new file (0644 under the usual 022):
+    mkstemp creates the temporary file private (0600), and a rename keeps a file's mode.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=os.path.splitext(path)[1])
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def save_checkpoint(path, params, network_kind):
-    """Writes params and the network kind to an .npz file atomically."""
-    arrays = {f"layer{index}/{name}": np.asarray(value)
-              for index, layer_params in enumerate(params) for name, value in layer_params.items()}
+def current_umask():
+    """The process's umask; reading it means setting it, so it is set straight back."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def save_checkpoint(path, params, network_kind, velocity=None, run=None):
+    """Writes params and the network kind to an .npz file atomically. A checkpoint that a run can be
+    resumed from also holds the velocity (with momentum) and `run`: {"config": the run's flags,
+    "shuffle_key": the shuffling key after the epochs done, "epochs": their per-epoch records}."""
+    def layer_arrays(prefix, tree):
+        return {f"{prefix}layer{index}/{name}": np.asarray(value)
+                for index, layer_params in enumerate(tree) for name, value in layer_params.items()}
+
+    arrays = layer_arrays("", params)
     arrays["network"] = np.array(network_kind)
+    if velocity is not None:
+        arrays.update(layer_arrays("velocity/", velocity))
+    if run is not None:
+        arrays["run/config"] = np.array(json.dumps(run["config"]))
+        arrays["run/epochs"] = np.array(json.dumps(run["epochs"]))
+        arrays["run/shuffle_key"] = np.asarray(run["shuffle_key"])
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object, so numpy adds no ".npz" to the name
@@ -279,37 +304,60 @@ def save_checkpoint(path, params, network_kind):
     write_atomically(path, write)
 
 
-def load_checkpoint(path, template, network_kind):
-    """Reads a checkpoint written by save_checkpoint into the structure of `template` (the params
-    of a freshly initialised network), refusing files that don't fit it."""
-    require_file("--load", path)
+def read_checkpoint(flag, path, network_kind=None):
+    """The arrays of a checkpoint written by save_checkpoint, refusing (UsageError, one line) a
+    file that is not one, or one saved from another network than network_kind (if given)."""
+    require_file(flag, path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             stored = {name: archive[name] for name in archive.files}
     except Exception as error:  # np.load raises many types for files that are not .npz archives
-        raise UsageError(f"--load {path}: not a checkpoint written by --save ({type(error).__name__})") from None
+        raise UsageError(f"{flag} {path}: not a checkpoint written by --save ({type(error).__name__})") from None
     if "network" not in stored:
-        raise UsageError(f"--load {path}: not a checkpoint written by --save (no network record)")
-    saved_kind = str(stored.pop("network"))
-    if saved_kind != network_kind:
+        raise UsageError(f"{flag} {path}: not a checkpoint written by --save (no network record)")
+    saved_kind = str(stored["network"])
+    if network_kind is not None and saved_kind != network_kind:
         preset_of = {kind: preset for preset, kind in PRESET_NETWORK.items()}
-        raise UsageError(f"--load {path}: saved from the {saved_kind!r} network, but this run builds the "
+        raise UsageError(f"{flag} {path}: saved from the {saved_kind!r} network, but this run builds the "
                          f"{network_kind!r} one; load it with --preset {preset_of.get(saved_kind, '?')}")
-    params = []
+    return stored
+
+
+def layers_from(stored, prefix, template, flag, path):
+    """The arrays stored under prefix ("" for params, "velocity/") in the structure of template."""
+    tree = []
     for index, layer_params in enumerate(template):
         loaded = {}
         for name, value in layer_params.items():
-            key = f"layer{index}/{name}"
+            key = f"{prefix}layer{index}/{name}"
             if key not in stored or stored[key].shape != value.shape:
                 found = stored[key].shape if key in stored else "nothing"
-                raise UsageError(f"--load {path}: {key} should have shape {value.shape}, found {found}; "
+                raise UsageError(f"{flag} {path}: {key} should have shape {value.shape}, found {found}; "
                                  "the checkpoint does not match this network")
-            loaded[name] = jnp.asarray(stored.pop(key), value.dtype)
-        params.append(loaded)
-    if stored:
-        raise UsageError(f"--load {path}: unexpected arrays {sorted(stored)}; "
-                         "the checkpoint does not match this network")
-    return params
+            loaded[name] = jnp.asarray(stored[key], value.dtype)
+        tree.append(loaded)
+    expected = {f"{prefix}layer{index}/{name}" for index, layer_params in enumerate(template) for name in layer_params}
+    unexpected = sorted(key for key in stored if key.startswith(prefix + "layer") and key not in expected)
+    if unexpected:
+        raise UsageError(f"{flag} {path}: unexpected arrays {unexpected}; the checkpoint does not match this network")
+    return tree
+
+
+def load_checkpoint(path, template, network_kind, flag="--load"):
+    """The parameters of a checkpoint written by save_checkpoint, in the structure of `template` (the
+    params of a freshly initialised network), refusing files that don't fit it."""
+    return layers_from(read_checkpoint(flag, path, network_kind), "", template, flag, path)
+
+
+def load_run(path, template, network_kind):
+    """(params, velocity or None, run) of a checkpoint to resume, as save_checkpoint wrote them."""
+    stored = read_checkpoint("--resume", path, network_kind)
+    params = layers_from(stored, "", template, "--resume", path)
+    has_velocity = any(key.startswith("velocity/") for key in stored)
+    velocity = layers_from(stored, "velocity/", template, "--resume", path) if has_velocity else None
+    run = {"config": json.loads(str(stored["run/config"])), "epochs": json.loads(str(stored["run/epochs"])),
+           "shuffle_key": jnp.asarray(stored["run/shuffle_key"])}
+    return params, velocity, run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,25 +371,40 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# The flags that decide what a run computes. A resumed run takes them from its checkpoint and
+# refuses different values; the others (--data-dir, --out-dir, --save) may change.
+RUN_FLAGS = ("preset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "shuffle",
+             "train_size", "val_size", "seed")
+
+
+def flag_of(name):
+    return "--" + name.replace("_", "-")
+
+
 def parse_args(argv=None):
+    """The command line as args; args.explicit names the RUN_FLAGS given on it (the rest come from
+    the preset)."""
     parser = OneLineParser(
         prog="model.py",
         description="Train the MNIST CNN with hand-derived gradients (no autodiff). "
                     "Flags given explicitly override the preset's values.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="'default': modern run on all 60,000 images; 'seed': the original run "
-                             "exactly (default: %(default)s)")
+                             "exactly (default: default)")
     for flag, kind, text in [
         ("--epochs", int, "passes over the training images"),
         ("--batch-size", int, "images per SGD step (the last incomplete batch of an epoch is skipped)"),
         ("--lr", float, "learning rate (the peak of the cosine schedule)"),
         ("--momentum", float, "SGD momentum in [0, 1); 0 is plain SGD"),
         ("--weight-decay", float, "L2 penalty coefficient added to every gradient (0: none)"),
-        ("--train-size", int, "use the first N training images"),
+        ("--train-size", int, "use the first N training images (with --val-size, of those not held out)"),
         ("--seed", int, "seed for initialisation and shuffling"),
     ]:
         defaults = ", ".join(f"{name}: {values[flag[2:].replace('-', '_')]}" for name, values in PRESETS.items())
         parser.add_argument(flag, type=kind, default=None, help=f"{text} (preset {defaults})")
+    parser.add_argument("--val-size", type=int, default=None, metavar="N",
+                        help="hold out the last N training images for validation: each epoch reports "
+                             "validation accuracy, and the test images are used once, at the end (default: 0)")
     parser.add_argument("--schedule", choices=["constant", "cosine"], default=None,
                         help="learning-rate schedule (preset default: cosine, seed: constant)")
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
@@ -350,18 +413,39 @@ def parse_args(argv=None):
                         help="folder with the four MNIST IDX files, .gz or raw (default: %(default)s)")
     parser.add_argument("--out-dir", default="results",
                         help="where metrics.json and the pictures go (default: %(default)s)")
-    parser.add_argument("--save", metavar="PATH", help="write the trained parameters to PATH (.npz)")
+    parser.add_argument("--save", metavar="PATH",
+                        help="write the parameters, and what resuming needs, to PATH (.npz) after every epoch")
+    parser.add_argument("--resume", metavar="PATH",
+                        help="continue the run saved with --save at PATH to its planned epochs, with its flags")
     parser.add_argument("--load", metavar="PATH", help="start from parameters saved with --save")
     parser.add_argument("--eval-only", action="store_true",
                         help="with --load: evaluate on the test images, train nothing")
-    parser.add_argument("--predict", metavar="IMAGE",
-                        help="classify a PNG of a digit (any size, dark or light background) with "
-                             "the loaded or just-trained model")
+    parser.add_argument("--predict", metavar="IMAGE", nargs="+",
+                        help="classify PNGs of digits (any size, dark or light background, transparency "
+                             "allowed); with --load, only that: no data is read and nothing is written")
     args = parser.parse_args(argv)
-    for name, value in PRESETS[args.preset].items():
+    args.explicit = sorted(name for name in RUN_FLAGS if getattr(args, name) is not None)
+    args.preset = args.preset or "default"
+    for name, value in dict(PRESETS[args.preset], val_size=0).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+def resume_flags(args):
+    """Sets args' RUN_FLAGS to those of the run saved at args.resume, refusing (UsageError, one line)
+    explicit flags that would change that run."""
+    stored = read_checkpoint("--resume", args.resume)
+    if "run/config" not in stored:
+        raise UsageError(f"--resume {args.resume}: holds parameters only, not a run to resume; "
+                         "start from it with --load instead")
+    config = json.loads(str(stored["run/config"]))
+    for name in args.explicit:
+        if getattr(args, name) != config[name]:
+            raise UsageError(f"--resume {args.resume}: {flag_of(name)} {getattr(args, name)} would change the "
+                             f"run, which has {config[name]}; drop {flag_of(name)}, or start a new run")
+    for name in RUN_FLAGS:
+        setattr(args, name, config[name])
 
 
 def check_args(args, available_train_images=None):
@@ -378,16 +462,30 @@ def check_args(args, available_train_images=None):
         raise UsageError(f"--weight-decay must be 0 or more, got {args.weight_decay}")
     if args.train_size < 1:
         raise UsageError(f"--train-size must be at least 1, got {args.train_size}")
-    if available_train_images is not None and args.train_size > available_train_images:
-        raise UsageError(f"--train-size {args.train_size} exceeds the {available_train_images} "
-                         "training images available")
+    if args.val_size < 0:
+        raise UsageError(f"--val-size must be 0 or more, got {args.val_size}")
+    if available_train_images is not None:
+        if args.val_size >= available_train_images:
+            raise UsageError(f"--val-size {args.val_size} leaves none of the {available_train_images} "
+                             "training images to train on")
+        left = available_train_images - args.val_size
+        if args.train_size > left:
+            held_out = f" after --val-size {args.val_size} holds {args.val_size} out" if args.val_size else ""
+            raise UsageError(f"--train-size {args.train_size} exceeds the {left} training images "
+                             f"available{held_out}")
     if args.batch_size > args.train_size:
         raise UsageError(f"--batch-size {args.batch_size} exceeds --train-size {args.train_size}")
     if args.eval_only and not args.load:
         raise UsageError("--eval-only needs --load CHECKPOINT: there is nothing trained to evaluate")
-    for flag, path in (("--load", args.load), ("--predict", args.predict)):
+    if args.resume and (args.load or args.eval_only):
+        raise UsageError("--resume continues a run; it cannot be combined with --load or --eval-only")
+    if args.eval_only and args.predict:
+        raise UsageError("--eval-only and --predict: with --load, --predict alone classifies the images")
+    for flag, path in (("--load", args.load), ("--resume", args.resume)):
         if path:
             require_file(flag, path)
+    for path in args.predict or ():
+        require_file("--predict", path)
 
 
 def require_file(flag, path):
@@ -411,20 +509,30 @@ def describe_device():
     return f"{device.platform} ({device.device_kind})"
 
 
-def train(network, params, args, train_images, train_labels, test_images, test_labels, log=print):
-    """Runs args.epochs epochs. Returns (params, epochs, compile_seconds, train_seconds), where
-    epochs is a list of {"epoch", "train_loss", "test_accuracy", "seconds"}.
+def train(network, params, args, train_images, train_labels, eval_images, eval_labels, log=print,
+          eval_name="test", resume=None, after_epoch=None, stop=lambda: False):
+    """Runs the epochs of args.epochs not yet done. Returns (params, epochs, compile_seconds,
+    train_seconds), where epochs is a list of {"epoch", "train_loss", "<eval_name>_accuracy",
+    "seconds"}, those of `resume` first.
+
+    eval_images, eval_labels: what each epoch is evaluated on, the test or the validation images.
+    resume: {"velocity", "shuffle_key", "epochs"} of a run to continue (load_run), or None.
+    after_epoch(params, velocity, shuffle_key, epochs): called after every epoch, to checkpoint.
+    stop(): True once the user has asked training to stop; asked before every epoch.
     Raises UsageError naming the epoch if training diverges (check_not_diverged); logs a warning
-    the first time an epoch's test accuracy is near chance."""
+    the first time an epoch's accuracy is near chance."""
     steps = args.train_size // args.batch_size
     momentum = args.momentum
-    velocity = jax.tree_util.tree_map(jnp.zeros_like, params) if momentum > 0 else None
     images = jnp.asarray(train_images[:args.train_size])
     labels = jnp.asarray(train_labels[:args.train_size], jnp.int32)
-    test_padded = pad_to_chunks(jnp.asarray(test_images))
+    eval_padded = pad_to_chunks(jnp.asarray(eval_images))
     predict = make_predict(network)
-
-    _, shuffle_key = run_keys(args.seed)
+    if resume is None:
+        velocity = jax.tree_util.tree_map(jnp.zeros_like, params) if momentum > 0 else None
+        _, shuffle_key = run_keys(args.seed)
+        epochs = []
+    else:
+        velocity, shuffle_key, epochs = resume["velocity"], resume["shuffle_key"], list(resume["epochs"])
     in_order = jnp.arange(steps * args.batch_size, dtype=jnp.int32)
 
     start = time.perf_counter()
@@ -434,11 +542,12 @@ def train(network, params, args, train_images, train_labels, test_images, test_l
     compile_seconds = time.perf_counter() - start
     train_seconds = compile_seconds
 
-    # Chance: the accuracy of always answering the test set's most common class.
-    chance = float(np.bincount(np.asarray(test_labels)).max() / len(test_labels))
+    # Chance: the accuracy of always answering the most common class.
+    chance = float(np.bincount(np.asarray(eval_labels)).max() / len(eval_labels))
     warned_near_chance = False
-    epochs = []
-    for epoch in range(args.epochs):
+    for epoch in range(len(epochs), args.epochs):
+        if stop():
+            break
         if args.shuffle:
             shuffle_key, epoch_key = jax.random.split(shuffle_key)
             order = jax.random.permutation(epoch_key, args.train_size)[:steps * args.batch_size]
@@ -454,18 +563,42 @@ def train(network, params, args, train_images, train_labels, test_images, test_l
         seconds = time.perf_counter() - start
         train_seconds += seconds
         check_not_diverged(train_loss, epoch + 1, args.lr)
-        accuracy = accuracy_of(predict(params, test_padded), test_labels)
-        epochs.append({"epoch": epoch + 1, "train_loss": train_loss, "test_accuracy": accuracy,
+        accuracy = accuracy_of(predict(params, eval_padded), eval_labels)
+        epochs.append({"epoch": epoch + 1, "train_loss": train_loss, f"{eval_name}_accuracy": accuracy,
                        "seconds": seconds})
         log(f"epoch {epoch + 1:3d}/{args.epochs}  train loss {train_loss:.4f}  "
-            f"test accuracy {100 * accuracy:6.2f}%  {seconds:7.3f} s")
+            f"{eval_name} accuracy {100 * accuracy:6.2f}%  {seconds:7.3f} s")
+        if after_epoch is not None:
+            after_epoch(params, velocity, shuffle_key, epochs)
         if not warned_near_chance and accuracy < chance + NEAR_CHANCE:
             warned_near_chance = True
-            log(f"warning: test accuracy {100 * accuracy:.2f}% in epoch {epoch + 1} is within "
+            log(f"warning: {eval_name} accuracy {100 * accuracy:.2f}% in epoch {epoch + 1} is within "
                 f"{100 * NEAR_CHANCE:.0f} points of chance ({100 * chance:.2f}%, always answering the most "
                 f"common class): the learning rate {args.lr} may be too high, or too low for "
                 f"{args.epochs} epochs, or the labels may not belong to the images")
     return params, epochs, compile_seconds, train_seconds
+
+
+class StopOnInterrupt:
+    """While active, the first Ctrl-C (SIGINT) only asks training to stop once the epoch running
+    has finished (calling the object says whether it has been asked); a second one aborts at once
+    with KeyboardInterrupt. Every file is written atomically, so an abort leaves none half-written."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    def _interrupt(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __call__(self):
+        return self.requested
+
+    def __exit__(self, *exception):
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def check_not_diverged(train_loss, epoch, lr, num_classes=NUM_CLASSES):
@@ -483,159 +616,282 @@ def accuracy_of(predictions, labels):
     return float(np.mean(np.asarray(predictions)[:len(labels)] == labels))
 
 
-def load_png_digit(path):
-    """A PNG of a digit -> (28, 28) uint8 like MNIST: grayscale, white ink on black, 28x28."""
-    import matplotlib.image
+def load_drawing(path):
+    """A PNG of a digit -> ((28, 28) uint8 prepared the way MNIST's digits were, warning or None).
+
+    Transparency is composited onto a background of the colour opposite the ink (a canvas's black
+    ink on transparent pixels becomes black on white). Light ink on dark is what MNIST holds, so a
+    dark-on-light image is inverted. Then, as NIST's digits were made into MNIST's: the digit is cut
+    to its bounding box, scaled (keeping its aspect) so its longer side is 20 pixels, and placed in a
+    28x28 field with its centre of mass at the centre. The warning is a line to print for an image
+    with no ink.
+    """
+    from PIL import Image  # Pillow, which matplotlib reads its images with too
 
     try:
-        image = np.asarray(matplotlib.image.imread(path), np.float32)
-    except Exception as error:  # matplotlib/Pillow raise many types for unreadable files
-        raise UsageError(f"--predict {path}: not a readable PNG image ({type(error).__name__})") from None
-    if image.ndim == 3:
-        image = image[..., :3].mean(axis=-1) if image.shape[-1] >= 3 else image[..., 0]
-    if image.ndim != 2 or min(image.shape) < 1:
-        raise UsageError(f"--predict {path}: expected a 2-D image, got shape {image.shape}")
-    if image.max() > 1:  # integer PNGs may come back as 0..255
-        image = image / 255.0
-    # MNIST digits are light ink on a dark background; a photo or drawing is usually the reverse.
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    if border.mean() > 0.5:
-        image = 1.0 - image
-    small = jax.image.resize(jnp.asarray(image), (IMAGE_SIZE, IMAGE_SIZE), "linear", antialias=True)
-    return np.asarray(jnp.clip(jnp.round(small * 255), 0, 255), np.uint8)
+        with Image.open(path) as image:
+            has_alpha = "A" in image.getbands() or "transparency" in image.info
+            pixels = np.asarray(image.convert("LA" if has_alpha else "L"), np.float32) / 255
+    except Exception as error:  # Pillow raises many types for files that are not images
+        raise UsageError(f"--predict {path}: not a readable image ({type(error).__name__})") from None
+    grey, alpha = (pixels[..., 0], pixels[..., 1]) if has_alpha else (pixels, np.ones_like(pixels))
+    if alpha.sum() == 0:
+        return np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8), f"warning: {path} is fully transparent"
+    ink_colour = float((grey * alpha).sum() / alpha.sum())
+    background = 1.0 if ink_colour < 0.5 else 0.0
+    grey = alpha * grey + (1 - alpha) * background
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if border.mean() > 0.5:  # dark ink on light: make it light on dark, as MNIST is
+        grey, border = 1.0 - grey, 1.0 - border
+    ink = np.clip(grey - np.median(border), 0, None)
+    if ink.max() < 0.1:
+        return np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8), f"warning: {path} looks blank (no ink found)"
+    ink = ink / ink.max()
+    rows, columns = np.flatnonzero((ink > 0.1).any(axis=1)), np.flatnonzero((ink > 0.1).any(axis=0))
+    ink = ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+    scale = 20 / max(ink.shape)
+    height, width = (max(1, round(side * scale)) for side in ink.shape)
+    digit = np.clip(resampling(ink.shape[0], height) @ ink @ resampling(ink.shape[1], width).T, 0, 1)
+    centre_row, centre_column = (float((digit.sum(axis=1 - axis) * np.arange(digit.shape[axis])).sum() / digit.sum())
+                                 for axis in (0, 1))
+    top = int(np.clip(round(IMAGE_SIZE / 2 - 0.5 - centre_row), 0, IMAGE_SIZE - height))
+    left = int(np.clip(round(IMAGE_SIZE / 2 - 0.5 - centre_column), 0, IMAGE_SIZE - width))
+    field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    field[top:top + height, left:left + width] = digit
+    return np.round(field * 255).astype(np.uint8), None
+
+
+def resampling(size, new_size):
+    """(new_size, size) matrix that resamples an axis of `size` pixels to new_size by linear
+    interpolation, widened when shrinking so that every input pixel counts (antialiasing): output
+    pixel o, centred at (o + 1/2) * size / new_size - 1/2 in input coordinates, averages the inputs
+    with a triangle of half-width max(1, size / new_size) around that point."""
+    ratio = size / new_size
+    width = max(1.0, ratio)
+    centres = (np.arange(new_size) + 0.5) * ratio - 0.5
+    weights = np.clip(1 - np.abs(np.arange(size)[None, :] - centres[:, None]) / width, 0, None)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+# Below this top probability, --predict says it is unsure.
+UNSURE_BELOW = 0.5
+
+
+def classify_drawings(network, params, paths, log=print):
+    """Prints the digit and the ten probabilities for each PNG, with a warning line for a blank
+    image or an unsure answer."""
+    drawings = [load_drawing(path) for path in paths]
+    batch = to_input(jnp.asarray(np.stack([digit for digit, _ in drawings])))
+    probabilities = np.asarray(jax.jit(network.probabilities)(params, batch))
+    for path, (_, warning), row in zip(paths, drawings, probabilities):
+        if warning:
+            log(warning)
+        elif row.max() < UNSURE_BELOW:
+            log(f"warning: {path}: unsure, the most likely digit has probability {row.max():.2f} only")
+        log(f"{path}: digit {int(row.argmax())}; probabilities "
+            + " ".join(f"{digit}:{p:.4f}" for digit, p in enumerate(row)))
 
 
 # ----------------------------------------------------------------------------------------------
 # What a run leaves behind: metrics.json and four pictures, each written atomically.
 
 
+OUTPUT_FILES = ("metrics.json", "loss_curve.png", "learned_filters.png", "confusion_matrix.png",
+                "misclassified.png")
+
+
 def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions):
     """metrics.json, loss_curve.png (if anything was trained), learned_filters.png,
-    confusion_matrix.png and misclassified.png in out_dir."""
-    import matplotlib
+    confusion_matrix.png and misclassified.png in out_dir; removes any other of OUTPUT_FILES left
+    there by an earlier run, since it would describe another run.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The figures are matplotlib Figure objects drawn straight to PNG, without pyplot's window
+    machinery, and laid out by hand: an automatic layout pass costs more than the drawing.
+    """
+    from matplotlib.figure import Figure
 
     os.makedirs(out_dir, exist_ok=True)
+    written = []
 
     def save_figure(figure, name):
         write_atomically(os.path.join(out_dir, name), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-        plt.close(figure)
+        written.append(name)
 
     def write_json(tmp):
         with open(tmp, "w") as f:
             json.dump(metrics, f, indent=2)
 
     write_atomically(os.path.join(out_dir, "metrics.json"), write_json)
+    written.append("metrics.json")
 
     if metrics["epochs"]:
         epochs = [e["epoch"] for e in metrics["epochs"]]
-        figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+        which = "val" if "val_accuracy" in metrics["epochs"][0] else "test"
+        figure = Figure(figsize=(10, 4))
+        loss_axis, accuracy_axis = figure.subplots(1, 2)
+        figure.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
         loss_axis.semilogy(epochs, [e["train_loss"] for e in metrics["epochs"]], "o-")
         loss_axis.set(xlabel="epoch", ylabel="mean training loss (log scale)", title="training loss")
-        accuracy_axis.plot(epochs, [100 * e["test_accuracy"] for e in metrics["epochs"]], "o-", color="C1")
-        accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+        accuracy_axis.plot(epochs, [100 * e[f"{which}_accuracy"] for e in metrics["epochs"]], "o-", color="C1")
+        accuracy_axis.set(xlabel="epoch", ylabel=f"{which} accuracy (%)", title=f"{which} accuracy")
         for axis in (loss_axis, accuracy_axis):
             axis.grid(alpha=0.3)
             axis.set_xticks(epochs if len(epochs) <= 20 else epochs[::len(epochs) // 10])
-        figure.tight_layout()
         save_figure(figure, "loss_curve.png")
 
     kernels = np.asarray(kernels)[:, 0]  # (D, K, K): the first layer reads one channel
-    figure, axes = plt.subplots(1, len(kernels), figsize=(2.2 * len(kernels), 2.6))
+    figure = Figure(figsize=(2.2 * len(kernels), 2.6))
+    axes = np.atleast_1d(figure.subplots(1, len(kernels)))
+    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.78, wspace=0.1)
     limit = np.abs(kernels).max()
-    for index, (axis, kernel) in enumerate(zip(np.atleast_1d(axes), kernels)):
+    for index, (axis, kernel) in enumerate(zip(axes, kernels)):
         axis.imshow(kernel, cmap="RdBu_r", vmin=-limit, vmax=limit)
         for (row, column), value in np.ndenumerate(kernel):
             axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
         axis.set_title(f"filter {index}")
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.suptitle("learned 3x3 kernels of the convolution (red > 0 > blue)")
-    figure.tight_layout()
+    K = kernels.shape[-1]
+    figure.suptitle(f"learned {K}x{K} kernels of the convolution (red > 0 > blue)")
     save_figure(figure, "learned_filters.png")
 
-    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    classes = NUM_CLASSES
+    confusion = np.zeros((classes, classes), np.int64)
     np.add.at(confusion, (np.asarray(test_labels, np.int64), predictions), 1)
-    figure, axis = plt.subplots(figsize=(6.5, 5.5))
+    figure = Figure(figsize=(6.5, 5.5))
+    axis = figure.subplots()
+    figure.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)
     image = axis.imshow(np.log1p(confusion), cmap="Blues")
     for (row, column), count in np.ndenumerate(confusion):
         axis.text(column, row, str(count), ha="center", va="center", fontsize=7,
                   color="white" if image.norm(np.log1p(count)) > 0.6 else "black")
-    axis.set(xlabel="predicted digit", ylabel="true digit", xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES),
+    axis.set(xlabel="predicted class", ylabel="true class", xticks=range(classes), yticks=range(classes),
              title=f"confusion matrix, {len(test_labels)} test images")
-    figure.tight_layout()
     save_figure(figure, "confusion_matrix.png")
 
+    # The misclassified digits as one mosaic in one axes, each tile labelled: far cheaper to draw than
+    # an axes per digit.
     wrong = np.flatnonzero(predictions != test_labels)[:48]
     columns = 8
     rows = max(1, math.ceil(len(wrong) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(1.4 * columns, 1.6 * rows), squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for axis, index in zip(axes.ravel(), wrong):
-        axis.imshow(test_images[index], cmap="gray_r")
-        axis.set_title(f"true {test_labels[index]}, said {predictions[index]}", fontsize=8)
-    figure.suptitle(f"first {len(wrong)} of {int((predictions != test_labels).sum())} misclassified test digits")
-    figure.tight_layout()
+    size, gap, label = test_images.shape[1], 2, 9  # pixels: a digit, between digits, above each for its label
+    mosaic = np.full((rows * (size + gap + label), columns * (size + gap)), np.nan)
+    figure = Figure(figsize=(1.4 * columns, 1.6 * rows + 0.4))
+    axis = figure.subplots()
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.4 / (1.6 * rows + 0.4))
+    for tile, index in enumerate(wrong):
+        top, left = (tile // columns) * (size + gap + label) + label, (tile % columns) * (size + gap)
+        mosaic[top:top + size, left:left + size] = test_images[index]
+        axis.text(left + size / 2, top - 1.5, f"true {test_labels[index]}, said {predictions[index]}",
+                  ha="center", va="bottom", fontsize=8)
+    axis.imshow(np.ma.masked_invalid(mosaic), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    axis.axis("off")
+    figure.suptitle(f"first {len(wrong)} of {int((predictions != test_labels).sum())} misclassified test images")
     save_figure(figure, "misclassified.png")
+
+    for name in OUTPUT_FILES:
+        if name not in written and os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def fit_train_size(args, available_train_images):
+    """With --val-size and no --train-size, trains on every image not held out (up to the preset's
+    number), rather than refusing the preset's number as too many."""
+    if args.val_size and "train_size" not in args.explicit:
+        args.train_size = min(args.train_size, available_train_images - args.val_size)
 
 
 def main(argv=None):
+    """The command line's run; returns the exit status (130 when the user interrupted training)."""
     args = parse_args(argv)
+    if args.resume:
+        resume_flags(args)
     check_args(args)
     network_kind = PRESET_NETWORK[args.preset]
-    train_images, train_labels, test_images, test_labels = load_mnist(args.data_dir)
-    check_args(args, available_train_images=len(train_images))
-    predict_image = load_png_digit(args.predict) if args.predict else None
-
-    log = print
-    device = describe_device()
-    log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
-        f"{args.train_size} training images, batch {args.batch_size}, lr {args.lr}, "
-        f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
-
     network = build_network(network_kind)
-    init_key, _ = run_keys(args.seed)
-    params = network.init(init_key)
-    if args.load:
-        params = load_checkpoint(args.load, params, network_kind)
+    log = functools.partial(print, flush=True)  # flushed: lines appear as they happen, even in a pipe
+    # The shapes and dtypes of the parameters, for reading a checkpoint: no random draw needed.
+    template = jax.eval_shape(network.init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    if args.load and args.predict:
+        classify_drawings(network, load_checkpoint(args.load, template, network_kind), args.predict, log)
+        return 0
+    train_images, train_labels, test_images, test_labels = load_mnist(args.data_dir)
+    fit_train_size(args, len(train_images))
+    check_args(args, available_train_images=len(train_images))
+    for path in args.predict or ():
+        load_drawing(path)  # an unreadable image is refused now, not after training
 
-    if args.eval_only:
-        epochs, compile_seconds, train_seconds = [], 0.0, 0.0
+    device = describe_device()
+    held_out = f", the last {args.val_size} held out for validation" if args.val_size else ""
+    log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
+        f"{args.train_size} training images{held_out}, batch {args.batch_size}, lr {args.lr}, "
+        f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
+    if args.val_size:
+        eval_name, eval_images, eval_labels = "val", train_images[-args.val_size:], train_labels[-args.val_size:]
     else:
-        params, epochs, compile_seconds, train_seconds = train(
-            network, params, args, train_images, train_labels, test_images, test_labels, log)
+        eval_name, eval_images, eval_labels = "test", test_images, test_labels
 
-    predictions = np.asarray(make_predict(network)(params, pad_to_chunks(jnp.asarray(test_images))))
-    predictions = predictions[:len(test_labels)]
-    test_accuracy = accuracy_of(predictions, test_labels)
-    log(f"test accuracy {100 * test_accuracy:.2f}% on {len(test_labels)} images; "
-        f"training {train_seconds:.2f} s (compile {compile_seconds:.2f} s)")
+    resume = None
+    if args.load:
+        params = load_checkpoint(args.load, template, network_kind)
+    elif args.resume:
+        params, velocity, run = load_run(args.resume, template, network_kind)
+        resume = {"velocity": velocity, "shuffle_key": run["shuffle_key"], "epochs": run["epochs"]}
+        if len(run["epochs"]) >= args.epochs:
+            raise UsageError(f"--resume {args.resume}: the run has done all its {args.epochs} epochs already; "
+                             "evaluate it with --load and --eval-only")
+        log(f"resuming {args.resume} after epoch {len(run['epochs'])}")
+    else:
+        params = network.init(run_keys(args.seed)[0])
+    save_path = args.save or args.resume
+    config = {name: getattr(args, name) for name in RUN_FLAGS}
 
-    metrics = {
-        "config": {name: getattr(args, name) for name in sorted(vars(args))},
-        "epochs": epochs,
-        "test_accuracy": test_accuracy,
-        "train_seconds": train_seconds,
-        "compile_seconds": compile_seconds,
-        "jax_version": jax.__version__,
-        "device": device,
-    }
-    write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions)
-    log(f"wrote metrics.json and pictures to {args.out_dir}/")
-    if args.save:
-        save_checkpoint(args.save, params, network_kind)
-        log(f"saved parameters to {args.save}")
-    if predict_image is not None:
-        probabilities = np.asarray(network.probabilities(params, to_input(jnp.asarray(predict_image[None])))[0])
-        log(f"{args.predict}: digit {int(probabilities.argmax())}; probabilities "
-            + " ".join(f"{digit}:{p:.4f}" for digit, p in enumerate(probabilities)))
+    def checkpoint(params, velocity, shuffle_key, epochs):
+        save_checkpoint(save_path, params, network_kind, velocity,
+                        {"config": config, "shuffle_key": shuffle_key, "epochs": epochs})
+
+    with StopOnInterrupt() as interrupted:
+        if args.eval_only:
+            epochs, compile_seconds, train_seconds = [], 0.0, 0.0
+        else:
+            params, epochs, compile_seconds, train_seconds = train(
+                network, params, args, train_images[:len(train_images) - args.val_size], train_labels,
+                eval_images, eval_labels, log, eval_name, resume, checkpoint if save_path else None,
+                stop=interrupted)
+            if interrupted():
+                log(f"interrupted: training stopped after epoch {len(epochs)} of {args.epochs}; writing what "
+                    "it trained (Ctrl-C again aborts at once)")
+
+        predictions = np.asarray(make_predict(network)(params, pad_to_chunks(jnp.asarray(test_images))))
+        predictions = predictions[:len(test_labels)]
+        test_accuracy = accuracy_of(predictions, test_labels)
+        log(f"test accuracy {100 * test_accuracy:.2f}% on {len(test_labels)} images; "
+            f"training {train_seconds:.2f} s (compile {compile_seconds:.2f} s)")
+        metrics = {
+            "config": {name: getattr(args, name) for name in sorted(vars(args)) if name != "explicit"},
+            "epochs": epochs,
+            "test_accuracy": test_accuracy,
+            "train_seconds": train_seconds,
+            "compile_seconds": compile_seconds,
+            "jax_version": jax.__version__,
+            "device": device,
+        }
+        write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions)
+        log(f"wrote metrics.json and pictures to {args.out_dir}/")
+        if args.save and (args.eval_only or not epochs):
+            save_checkpoint(args.save, params, network_kind)
+        if save_path:
+            log(f"saved parameters to {save_path}")
+        if args.predict:
+            classify_drawings(network, params, args.predict, log)
+        return 130 if interrupted() else 0
 
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main())
     except (UsageError, DataError) as error:
         sys.exit(f"model.py: error: {error}")
+    except KeyboardInterrupt:
+        print("model.py: aborted by a second Ctrl-C; every file written so far is complete", file=sys.stderr)
+        sys.exit(130)

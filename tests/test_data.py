@@ -83,6 +83,11 @@ def test_missing_directory(tmp_path):
     expect_error(tmp_path / "nowhere", "does not exist", "--data-dir")
 
 
+def test_data_dir_naming_a_file(tmp_path):
+    write_dataset(tmp_path)
+    expect_error(tmp_path / "train-images-idx3-ubyte.gz", "is a file, not a folder", "--data-dir")
+
+
 def test_missing_file(tmp_path):
     write_dataset(tmp_path)
     os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")

@@ -264,7 +264,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     with pytest.raises(model.UsageError, match="not a checkpoint"):
         model.load_checkpoint(str(tmp_path / "junk.npz"), params, "modern")
     np.savez(tmp_path / "other.npz", network=np.array("modern"), **{"layer0/weights": np.zeros((2, 2))})
-    with pytest.raises(model.UsageError, match="layer0/weights should have shape"):
+    with pytest.raises(model.UsageError, match=r"layer0/(weights|biases) should have shape"):
         model.load_checkpoint(str(tmp_path / "other.npz"), params, "modern")
     with pytest.raises(model.UsageError, match="no such file"):
         model.load_checkpoint(str(tmp_path / "absent.npz"), params, "modern")

@@ -1,0 +1,212 @@
+"""model.py as a user runs it: interrupting and resuming, file modes, --predict on drawings,
+--val-size, and outputs that describe only the run that wrote them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import model
+from conftest import ROOT
+from data import load_mnist
+from test_model import run_cli
+
+SMALL_RUN = ("--train-size", "3000", "--epochs", "4", "--batch-size", "50")
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_mnist(os.path.join(ROOT, "data"))
+
+
+def checkpoint_arrays(path):
+    with np.load(path) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
+    """SIGINT once the first epoch line has appeared: the run stops after the epoch running, says
+    where in one line, writes its outputs and checkpoint, and exits with 130. --resume then finishes
+    it with the same parameters, bit for bit, and the same per-epoch table as a run never stopped."""
+    command = [sys.executable, os.path.join(ROOT, "model.py"), *SMALL_RUN, "--data-dir", os.path.join(ROOT, "data"),
+               "--out-dir", str(tmp_path / "stopped"), "--save", str(tmp_path / "stopped.npz")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("epoch "):
+            process.send_signal(signal.SIGINT)
+            break
+    rest, errors = process.communicate(timeout=300)
+    output = "".join(lines) + rest
+    assert process.returncode == 130, output + errors
+    assert "Traceback" not in errors and errors == "", errors
+    stopped = [line for line in output.splitlines() if line.startswith("interrupted:")]
+    assert len(stopped) == 1 and "stopped after epoch" in stopped[0], output
+    done = json.loads((tmp_path / "stopped" / "metrics.json").read_text())["epochs"]
+    assert 1 <= len(done) < 4
+    assert {path.name for path in (tmp_path / "stopped").iterdir()} == set(model.OUTPUT_FILES)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]  # nothing half-written
+
+    resumed = run_cli("--resume", str(tmp_path / "stopped.npz"), "--out-dir", str(tmp_path / "resumed"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = run_cli(*SMALL_RUN, "--out-dir", str(tmp_path / "straight"), "--save", str(tmp_path / "straight.npz"),
+                       cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    stopped_then_resumed, uninterrupted = (checkpoint_arrays(tmp_path / f"{name}.npz") for name in ("stopped", "straight"))
+    assert stopped_then_resumed.keys() == uninterrupted.keys()
+    for name, array in uninterrupted.items():
+        if name != "run/epochs":  # the per-epoch records hold timings; compared below without them
+            assert np.array_equal(stopped_then_resumed[name], array), name
+    epochs = [json.loads((tmp_path / name / "metrics.json").read_text())["epochs"] for name in ("resumed", "straight")]
+    assert len(epochs[0]) == 4
+    for key in ("epoch", "train_loss", "test_accuracy"):
+        assert [e[key] for e in epochs[0]] == [e[key] for e in epochs[1]], key
+
+
+def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
+    args = model.parse_args([*SMALL_RUN, "--epochs", "2"])
+    network = model.build_network("modern")
+    params = network.init(model.run_keys(0)[0])
+    config = {name: getattr(args, name) for name in model.RUN_FLAGS}
+    model.save_checkpoint(str(tmp_path / "run.npz"), params, "modern", params,
+                          {"config": config, "shuffle_key": model.run_keys(0)[1], "epochs": []})
+    result = run_cli("--resume", str(tmp_path / "run.npz"), "--lr", "0.5", cwd=tmp_path)
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"model.py: error: --resume {tmp_path / 'run.npz'}: --lr 0.5 would change the run, which has 0.1; "
+        "drop --lr, or start a new run"]
+    # Parameters alone are not a run.
+    model.save_checkpoint(str(tmp_path / "params.npz"), params, "modern")
+    alone = run_cli("--resume", str(tmp_path / "params.npz"), cwd=tmp_path)
+    assert alone.returncode != 0 and "not a run to resume; start from it with --load" in alone.stderr
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        model.write_atomically(str(tmp_path / "metrics.json"), lambda tmp: open(tmp, "w").write("{}"))
+        model.save_checkpoint(str(tmp_path / "net.npz"), [{"weights": np.zeros(2)}], "modern")
+    finally:
+        os.umask(previous)
+    for name in ("metrics.json", "net.npz"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
+def test_eval_only_removes_the_pictures_of_an_earlier_run(tmp_path):
+    network = model.build_network("modern")
+    model.save_checkpoint(str(tmp_path / "net.npz"), network.init(model.run_keys(0)[0]), "modern")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "loss_curve.png").write_bytes(b"an earlier run's curve")
+    (out / "notes.txt").write_text("not ours: stays")
+    result = run_cli("--load", str(tmp_path / "net.npz"), "--eval-only", "--out-dir", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == sorted(set(model.OUTPUT_FILES) - {"loss_curve.png"} | {"notes.txt"})
+
+
+def draw(path, ink, style):
+    """Saves the 28x28 uint8 digit `ink` (light on dark, as MNIST) as a PNG drawn the way people draw."""
+    ink = ink.astype(np.float32) / 255
+    if style == "ink on transparent":  # a canvas: black strokes whose alpha is the ink
+        big = np.kron(ink, np.ones((4, 4)))
+        rgba = np.zeros(big.shape + (4,), np.uint8)
+        rgba[..., 3] = np.round(255 * big)
+        Image.fromarray(rgba, "RGBA").save(path)
+    elif style == "ink on white":
+        Image.fromarray(np.round(255 * (1 - np.kron(ink, np.ones((3, 3))))).astype(np.uint8), "L").save(path)
+    elif style == "small, off-centre":  # the digit at its own size in a corner of a larger page
+        page = np.ones((112, 112), np.float32)
+        page[4:32, 78:106] = 1 - ink
+        Image.fromarray(np.round(255 * page).astype(np.uint8), "L").save(path)
+    elif style == "tiny":  # half MNIST's size, the digit about 10 pixels high, low on a dark page
+        small = model.resampling(28, 14) @ ink @ model.resampling(28, 14).T
+        page = np.zeros((40, 40), np.float32)
+        page[20:34, 3:17] = small
+        Image.fromarray(np.round(255 * page).astype(np.uint8), "L").save(path)
+
+
+STYLES = ["ink on transparent", "ink on white", "small, off-centre", "tiny"]
+
+
+def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):
+    """A quickly trained checkpoint, and test digits it gets right with confidence, drawn four ways:
+    each is classified as the digit it is. With --load, --predict reads no data and writes nothing."""
+    train_images, train_labels, test_images, test_labels = mnist
+    args = model.parse_args(["--train-size", "20000", "--epochs", "2", "--batch-size", "64"])
+    network = model.build_network("modern")
+    params, _, _, _ = model.train(network, network.init(model.run_keys(0)[0]), args, train_images, train_labels,
+                                  test_images[:1000], test_labels[:1000], log=lambda line: None)
+    model.save_checkpoint(str(tmp_path / "net.npz"), params, "modern")
+    probabilities = np.asarray(network.probabilities(params, model.to_input(test_images[:200])))
+    confident = [index for index in range(200) if probabilities[index].max() > 0.99
+                 and probabilities[index].argmax() == test_labels[index]]
+    chosen = [next(index for index in confident if test_labels[index] == digit) for digit in (0, 2, 3, 4, 7, 9)]
+    paths, expected = [], []
+    for index in chosen:
+        for number, style in enumerate(STYLES):
+            paths.append(str(tmp_path / f"digit{index}_{number}.png"))
+            expected.append(int(test_labels[index]))
+            draw(paths[-1], test_images[index], style)
+    Image.fromarray(np.full((30, 30), 255, np.uint8), "L").save(tmp_path / "blank.png")
+
+    result = run_cli("--load", str(tmp_path / "net.npz"), "--predict", *paths, str(tmp_path / "blank.png"),
+                     "--data-dir", str(tmp_path / "no data here"), "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    answers = {line.split(": digit ")[0]: int(line.split(": digit ")[1][0])
+               for line in result.stdout.splitlines() if ": digit " in line}
+    wrong = [(os.path.basename(path), STYLES[number % 4], answers[path], want)
+             for number, (path, want) in enumerate(zip(paths, expected)) if answers[path] != want]
+    assert not wrong, wrong
+    assert f"warning: {tmp_path / 'blank.png'} looks blank" in result.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_drawing_is_normalised_like_mnist(tmp_path, mnist):
+    """The digit fills a 20-pixel box and its centre of mass sits at the centre, whatever the page."""
+    page = np.zeros((90, 60), np.uint8)
+    page[50:78, 2:30] = mnist[2][0]  # a test digit in the bottom-left corner
+    Image.fromarray(page, "L").save(tmp_path / "page.png")
+    field, warning = model.load_drawing(str(tmp_path / "page.png"))
+    assert warning is None and field.shape == (28, 28) and field.dtype == np.uint8
+    rows, columns = np.flatnonzero(field.max(axis=1) > 25), np.flatnonzero(field.max(axis=0) > 25)
+    assert max(rows[-1] - rows[0], columns[-1] - columns[0]) + 1 in (19, 20, 21)
+    mass = field.astype(np.float64)
+    centre = [(mass.sum(axis=1 - axis) * np.arange(28)).sum() / mass.sum() for axis in (0, 1)]
+    assert np.allclose(centre, 13.5, atol=1.0), centre
+
+
+def test_val_size_holds_the_last_images_out_of_training(monkeypatch, tmp_path, mnist):
+    """--val-size N: training gets the first images of the training file, never its last N, each
+    epoch reports validation accuracy, and the test set is evaluated once, at the end."""
+    seen = {}
+    real_train = model.train
+
+    def spy(network, params, args, train_images, train_labels, eval_images, eval_labels, *rest, **options):
+        seen.update(train=train_images[:args.train_size], eval=eval_images)
+        return real_train(network, params, args, train_images, train_labels, eval_images, eval_labels, *rest,
+                          **options)
+
+    monkeypatch.setattr(model, "train", spy)
+    lines = []
+    monkeypatch.setattr("builtins.print", lambda *text, **options: lines.append(" ".join(map(str, text))))
+    status = model.main(["--val-size", "1000", "--epochs", "1", "--batch-size", "500",
+                         "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "out")])
+    assert status == 0
+    train_images = mnist[0]
+    assert len(seen["train"]) == 59000 and np.array_equal(seen["train"], train_images[:59000])
+    assert np.array_equal(seen["eval"], train_images[59000:])
+    assert "the last 1000 held out for validation" in lines[0]
+    assert [line for line in lines if line.startswith("epoch ")][0].count("val accuracy") == 1
+    assert sum("test accuracy" in line for line in lines) == 1
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "val_accuracy" in metrics["epochs"][0] and "test_accuracy" not in metrics["epochs"][0]
+    assert jax.numpy.isfinite(metrics["test_accuracy"])
