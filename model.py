@@ -24,6 +24,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
@@ -188,14 +190,42 @@ def to_input(images_uint8):
     return jnp.moveaxis(images_uint8, 0, -1)[None].astype(jnp.float32) / 255
 
 
-def make_train_epoch(network, momentum, weight_decay=0.0):
+# The name of the one mesh axis data-parallel training splits every batch along.
+BATCH_AXIS = "batch"
+
+
+def batch_loss_and_grads(network, mesh=None):
+    """(params, images (B, 28, 28) uint8, labels (B,)) -> (the batch's mean loss, grads).
+
+    Without a mesh, one device computes it. With a mesh of D devices, each device runs the layers'
+    own forward and backward on its B/D images, and the results are averaged across the devices
+    (THEORY.md §5): every device then holds the same loss and gradients, and takes the same step.
+    """
+    def on_one_device(params, images, labels):
+        return network.loss_and_grads(params, to_input(images), labels)
+
+    if mesh is None:
+        return on_one_device
+
+    def on_each_device(params, images, labels):
+        loss, grads = on_one_device(params, images, labels)
+        # The all-reduce. Each device holds the mean loss and gradients over its own equal share of
+        # the batch; their mean over the D devices is the mean over the whole batch.
+        return lax.pmean((loss, grads), BATCH_AXIS)
+
+    return jax.shard_map(on_each_device, mesh=mesh, in_specs=(P(), P(BATCH_AXIS), P(BATCH_AXIS)), out_specs=P())
+
+
+def make_train_epoch(network, momentum, weight_decay=0.0, mesh=None):
     """A jitted function running one epoch as a lax.scan over minibatches:
 
     (params, velocity, images (M, 28, 28) uint8, labels (M,), order (steps * B,) int32, the images
      of this epoch in the order they are used, learning_rates (steps,))
     -> (params, velocity, losses (steps,), each the batch's mean loss before that batch's update).
-    params and velocity are donated: XLA may update them in place.
+    params and velocity are donated: XLA may update them in place. With a mesh, every batch is
+    split across its devices (batch_loss_and_grads); all inputs and outputs are replicated.
     """
+    loss_and_grads = batch_loss_and_grads(network, mesh)
 
     def train_epoch(params, velocity, images, labels, order, learning_rates):
         steps = learning_rates.shape[0]
@@ -208,7 +238,7 @@ def make_train_epoch(network, momentum, weight_decay=0.0):
         def step(carry, batch):
             params, velocity = carry
             images, labels, lr = batch
-            loss, grads = network.loss_and_grads(params, to_input(images), labels)
+            loss, grads = loss_and_grads(params, images, labels)
             params, velocity = sgd_update(params, velocity, grads, lr, momentum, weight_decay)
             return (params, velocity), loss
 
@@ -219,23 +249,57 @@ def make_train_epoch(network, momentum, weight_decay=0.0):
     return jax.jit(train_epoch, donate_argnums=(0, 1))
 
 
-@functools.lru_cache(maxsize=None)  # one compiled evaluation per network, shared by train and main
-def make_predict(network):
-    """A jitted function: (params, images (M, 28, 28) uint8, M a multiple of EVAL_CHUNK) ->
-    predicted classes (M,), computed EVAL_CHUNK images at a time so memory stays bounded."""
+@functools.lru_cache(maxsize=None)  # one compiled evaluation per network and mesh, shared by train and main
+def make_predict(network, mesh=None):
+    """A jitted function: (params, images (M, 28, 28) uint8, M a multiple of eval_chunk(mesh)) ->
+    predicted classes (M,), computed a chunk at a time so memory stays bounded; with a mesh, each
+    chunk split across its devices and the answers gathered, so that every device has them all."""
+
+    def classify(params, chunk):
+        return network.probabilities(params, to_input(chunk)).argmax(-1)
+
+    if mesh is not None:
+        on_one_device = classify
+
+        def classify(params, chunk):
+            # all_gather hands every device all the answers; shard_map cannot prove that on its own
+            # (check_vma), so it is told: the output is the same on every device.
+            return jax.shard_map(lambda params, chunk: lax.all_gather(on_one_device(params, chunk), BATCH_AXIS,
+                                                                      tiled=True),
+                                 mesh=mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=P(), check_vma=False)(params, chunk)
 
     def predict(params, images):
-        chunks = images.reshape(-1, EVAL_CHUNK, IMAGE_SIZE, IMAGE_SIZE)
-        return lax.map(lambda chunk: network.probabilities(params, to_input(chunk)).argmax(-1),
-                       chunks).reshape(-1)
+        chunks = images.reshape(-1, eval_chunk(mesh), IMAGE_SIZE, IMAGE_SIZE)
+        return lax.map(lambda chunk: classify(params, chunk), chunks).reshape(-1)
 
     return jax.jit(predict)
 
 
-def pad_to_chunks(images):
-    """Pads (M, 28, 28) with blank images to a multiple of EVAL_CHUNK; predictions past M are dropped."""
-    missing = -len(images) % EVAL_CHUNK
-    return jnp.pad(images, ((0, missing), (0, 0), (0, 0)))
+def eval_chunk(mesh=None):
+    """Test images per compiled evaluation step: EVAL_CHUNK, rounded up to split evenly over the mesh."""
+    devices = 1 if mesh is None else mesh.size
+    return -(-EVAL_CHUNK // devices) * devices
+
+
+def pad_to_chunks(images, mesh=None):
+    """Pads (M, 28, 28) with blank images to a multiple of eval_chunk(mesh); predictions past M are dropped."""
+    missing = -len(images) % eval_chunk(mesh)
+    return jnp.pad(jnp.asarray(images), ((0, missing), (0, 0), (0, 0)))
+
+
+def replicated(tree, mesh=None):
+    """The arrays of tree as JAX arrays, with a mesh copied to every device of it (in every process:
+    each process supplies the copies on its own devices, from the same values)."""
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, tree)
+    sharding = NamedSharding(mesh, P())
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x)[index]), tree)
+
+
+def local(tree):
+    """One copy of each replicated array, on this process's first device: what can be read here."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
 
 
 def learning_rates(schedule, lr, epoch, epochs, steps):
@@ -420,6 +484,16 @@ def parse_args(argv=None):
     parser.add_argument("--load", metavar="PATH", help="start from parameters saved with --save")
     parser.add_argument("--eval-only", action="store_true",
                         help="with --load: evaluate on the test images, train nothing")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="split every batch across N devices of this process, data-parallel (default: 1)")
+    parser.add_argument("--coordinator", metavar="HOST:PORT",
+                        help="with --num-processes and --process-id: train as one of several processes, on "
+                             "one machine or several, joined through JAX's distributed runtime at HOST:PORT "
+                             "(process 0's address)")
+    parser.add_argument("--num-processes", type=int, default=1, metavar="P", help="processes in the run (default: 1)")
+    parser.add_argument("--process-id", type=int, default=0, metavar="I", help="this process's number, 0 to P-1")
+    parser.add_argument("--join-timeout", type=int, default=60, metavar="SECONDS",
+                        help="how long to wait for every process to join before giving up (default: %(default)s)")
     parser.add_argument("--predict", metavar="IMAGE", nargs="+",
                         help="classify PNGs of digits (any size, dark or light background, transparency "
                              "allowed); with --load, only that: no data is read and nothing is written")
@@ -460,14 +534,14 @@ def check_args(args, available_train_images=None):
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be 0 or more, got {args.weight_decay}")
-    if args.train_size < 1:
-        raise UsageError(f"--train-size must be at least 1, got {args.train_size}")
     if args.val_size < 0:
         raise UsageError(f"--val-size must be 0 or more, got {args.val_size}")
+    if available_train_images is not None and args.val_size >= available_train_images:
+        raise UsageError(f"--val-size {args.val_size} leaves none of the {available_train_images} "
+                         "training images to train on")
+    if args.train_size < 1:
+        raise UsageError(f"--train-size must be at least 1, got {args.train_size}")
     if available_train_images is not None:
-        if args.val_size >= available_train_images:
-            raise UsageError(f"--val-size {args.val_size} leaves none of the {available_train_images} "
-                             "training images to train on")
         left = available_train_images - args.val_size
         if args.train_size > left:
             held_out = f" after --val-size {args.val_size} holds {args.val_size} out" if args.val_size else ""
@@ -481,6 +555,25 @@ def check_args(args, available_train_images=None):
         raise UsageError("--resume continues a run; it cannot be combined with --load or --eval-only")
     if args.eval_only and args.predict:
         raise UsageError("--eval-only and --predict: with --load, --predict alone classifies the images")
+    if args.devices < 1:
+        raise UsageError(f"--devices must be at least 1, got {args.devices}")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise UsageError(f"--process-id must be 0 to {args.num_processes - 1} for --num-processes "
+                         f"{args.num_processes}, got {args.process_id}")
+    if (args.num_processes > 1) != bool(args.coordinator):
+        raise UsageError("several processes need all three of --coordinator HOST:PORT, --num-processes and "
+                         "--process-id")
+    if args.join_timeout < 1:
+        raise UsageError(f"--join-timeout must be at least 1 second, got {args.join_timeout}")
+    total_devices = args.devices * args.num_processes
+    if total_devices > 1 and args.preset == "seed":
+        raise UsageError(f"--preset seed trains on one image per step, which cannot be split across "
+                         f"{total_devices} devices; use --devices 1")
+    if args.batch_size % total_devices:
+        below = args.batch_size - args.batch_size % total_devices
+        sizes = " or ".join(str(size) for size in (below, below + total_devices) if size > 0)
+        raise UsageError(f"--batch-size {args.batch_size} does not split evenly over {total_devices} devices; "
+                         f"use {sizes}")
     for flag, path in (("--load", args.load), ("--resume", args.resume)):
         if path:
             require_file(flag, path)
@@ -510,7 +603,7 @@ def describe_device():
 
 
 def train(network, params, args, train_images, train_labels, eval_images, eval_labels, log=print,
-          eval_name="test", resume=None, after_epoch=None, stop=lambda: False):
+          eval_name="test", resume=None, after_epoch=None, stop=lambda: False, mesh=None):
     """Runs the epochs of args.epochs not yet done. Returns (params, epochs, compile_seconds,
     train_seconds), where epochs is a list of {"epoch", "train_loss", "<eval_name>_accuracy",
     "seconds"}, those of `resume` first.
@@ -519,26 +612,28 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
     resume: {"velocity", "shuffle_key", "epochs"} of a run to continue (load_run), or None.
     after_epoch(params, velocity, shuffle_key, epochs): called after every epoch, to checkpoint.
     stop(): True once the user has asked training to stop; asked before every epoch.
+    mesh: the devices to split every batch across (data-parallel), or None for one device.
     Raises UsageError naming the epoch if training diverges (check_not_diverged); logs a warning
     the first time an epoch's accuracy is near chance."""
     steps = args.train_size // args.batch_size
     momentum = args.momentum
-    images = jnp.asarray(train_images[:args.train_size])
-    labels = jnp.asarray(train_labels[:args.train_size], jnp.int32)
-    eval_padded = pad_to_chunks(jnp.asarray(eval_images))
-    predict = make_predict(network)
+    images, labels = replicated((train_images[:args.train_size], train_labels[:args.train_size].astype(np.int32)),
+                                mesh)
+    eval_padded = replicated(pad_to_chunks(eval_images, mesh), mesh)
+    predict = make_predict(network, mesh)
     if resume is None:
         velocity = jax.tree_util.tree_map(jnp.zeros_like, params) if momentum > 0 else None
         _, shuffle_key = run_keys(args.seed)
         epochs = []
     else:
         velocity, shuffle_key, epochs = resume["velocity"], resume["shuffle_key"], list(resume["epochs"])
-    in_order = jnp.arange(steps * args.batch_size, dtype=jnp.int32)
+    params, velocity = replicated((params, velocity), mesh)
+    in_order = replicated(np.arange(steps * args.batch_size, dtype=np.int32), mesh)
 
     start = time.perf_counter()
-    train_epoch = make_train_epoch(network, momentum, args.weight_decay).lower(
-        params, velocity, images, labels, in_order, learning_rates(args.schedule, args.lr, 0, args.epochs, steps)
-    ).compile()
+    train_epoch = make_train_epoch(network, momentum, args.weight_decay, mesh).lower(
+        params, velocity, images, labels, in_order,
+        replicated(learning_rates(args.schedule, args.lr, 0, args.epochs, steps), mesh)).compile()
     compile_seconds = time.perf_counter() - start
     train_seconds = compile_seconds
 
@@ -551,32 +646,32 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
         if args.shuffle:
             shuffle_key, epoch_key = jax.random.split(shuffle_key)
             order = jax.random.permutation(epoch_key, args.train_size)[:steps * args.batch_size]
-            order = order.astype(jnp.int32)
+            order = replicated(order.astype(jnp.int32), mesh)
         else:
             order = in_order
-        rates = learning_rates(args.schedule, args.lr, epoch, args.epochs, steps)
+        rates = replicated(learning_rates(args.schedule, args.lr, epoch, args.epochs, steps), mesh)
         start = time.perf_counter()
         params, velocity, losses = train_epoch(params, velocity, images, labels, order, rates)
         # Each step's loss is that batch's mean, and every batch has batch_size images, so the
         # mean of the step losses is the mean per-image loss of the epoch.
-        train_loss = float(losses.mean())
+        train_loss = float(local(losses).mean())
         seconds = time.perf_counter() - start
         train_seconds += seconds
         check_not_diverged(train_loss, epoch + 1, args.lr)
-        accuracy = accuracy_of(predict(params, eval_padded), eval_labels)
+        accuracy = accuracy_of(local(predict(params, eval_padded)), eval_labels)
         epochs.append({"epoch": epoch + 1, "train_loss": train_loss, f"{eval_name}_accuracy": accuracy,
                        "seconds": seconds})
         log(f"epoch {epoch + 1:3d}/{args.epochs}  train loss {train_loss:.4f}  "
             f"{eval_name} accuracy {100 * accuracy:6.2f}%  {seconds:7.3f} s")
         if after_epoch is not None:
-            after_epoch(params, velocity, shuffle_key, epochs)
+            after_epoch(local(params), local(velocity), shuffle_key, epochs)
         if not warned_near_chance and accuracy < chance + NEAR_CHANCE:
             warned_near_chance = True
             log(f"warning: {eval_name} accuracy {100 * accuracy:.2f}% in epoch {epoch + 1} is within "
                 f"{100 * NEAR_CHANCE:.0f} points of chance ({100 * chance:.2f}%, always answering the most "
                 f"common class): the learning rate {args.lr} may be too high, or too low for "
                 f"{args.epochs} epochs, or the labels may not belong to the images")
-    return params, epochs, compile_seconds, train_seconds
+    return local(params), epochs, compile_seconds, train_seconds
 
 
 class StopOnInterrupt:
@@ -794,6 +889,88 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
             os.remove(os.path.join(out_dir, name))
 
 
+def join_processes(args):
+    """Starts JAX's distributed runtime for a run of several processes (before JAX does anything
+    else), once every process is known to be there (rendezvous), refusing in one line what cannot
+    work."""
+    rendezvous(args)
+    # On CPUs the processes exchange gradients through Gloo; on GPUs JAX uses NCCL whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               initialization_timeout=args.join_timeout)
+
+
+def rendezvous(args):
+    """Waits, with plain sockets on the coordinator's port, until all args.num_processes processes
+    have arrived; raises UsageError (one line) if they have not within args.join_timeout seconds.
+
+    JAX's runtime, left to find a missing process itself, ends every process with a fatal error and
+    a stack trace; this makes it a sentence instead. Process 0 listens; each other process connects,
+    says its number, and waits for process 0's go, sent once all are there. The others then close
+    first, so that process 0's port is free at once for the runtime's coordinator.
+    """
+    host, _, port = args.coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--coordinator {args.coordinator}: expected HOST:PORT, such as 127.0.0.1:12345")
+    deadline = time.monotonic() + args.join_timeout
+    waiting = f"within --join-timeout {args.join_timeout} s"
+    if args.process_id == 0:
+        try:
+            server = socket.create_server(("", int(port)))
+        except OSError as error:
+            raise UsageError(f"--coordinator {args.coordinator}: process 0 cannot listen on port {port} "
+                             f"({error.strerror}); choose a free port") from None
+        arrived = []
+        with server:
+            while len(arrived) < args.num_processes - 1:
+                server.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    connection, _ = server.accept()
+                    connection.settimeout(max(0.01, deadline - time.monotonic()))
+                    arrived.append((int(connection.recv(16).decode()), connection))
+                except (OSError, ValueError):
+                    if time.monotonic() >= deadline:
+                        joined = sorted([0] + [number for number, _ in arrived])
+                        raise UsageError(f"--coordinator {args.coordinator}: only processes {joined} of "
+                                         f"{args.num_processes} arrived {waiting}; start the others with the "
+                                         "same --coordinator and --num-processes") from None
+            for _, connection in arrived:
+                connection.sendall(b"go")
+            for _, connection in arrived:
+                connection.recv(1)  # returns once the other side has closed
+                connection.close()
+        return
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.01, deadline - time.monotonic())) as link:
+                link.sendall(str(args.process_id).encode())
+                if link.recv(2) == b"go":
+                    return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise UsageError(f"--coordinator {args.coordinator}: process {args.process_id} found no process 0 "
+                             f"there, or not every process arrived, {waiting}; start process 0 on that "
+                             "machine with the same --coordinator and --num-processes")
+        time.sleep(0.2)
+
+
+def make_mesh(args):
+    """The devices a run splits its batches across: args.devices of each process's own, as one mesh
+    axis; None for a run on one device."""
+    available = jax.local_devices()
+    if args.devices > len(available):
+        hint = (f"; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={args.devices} set before "
+                "starting makes that many" if available[0].platform == "cpu" else "")
+        raise UsageError(f"--devices {args.devices}: this process has {len(available)} "
+                         f"{available[0].platform} device{'s' if len(available) > 1 else ''}{hint}")
+    if args.devices * args.num_processes == 1:
+        return None
+    devices = [device for device in jax.devices()
+               if device in jax.local_devices(process_index=device.process_index)[:args.devices]]
+    return Mesh(np.array(devices), (BATCH_AXIS,))
+
+
 def fit_train_size(args, available_train_images):
     """With --val-size and no --train-size, trains on every image not held out (up to the preset's
     number), rather than refusing the preset's number as too many."""
@@ -804,12 +981,16 @@ def fit_train_size(args, available_train_images):
 def main(argv=None):
     """The command line's run; returns the exit status (130 when the user interrupted training)."""
     args = parse_args(argv)
+    check_args(args)
+    if args.coordinator:
+        join_processes(args)
     if args.resume:
         resume_flags(args)
-    check_args(args)
     network_kind = PRESET_NETWORK[args.preset]
     network = build_network(network_kind)
-    log = functools.partial(print, flush=True)  # flushed: lines appear as they happen, even in a pipe
+    # With several processes, process 0 alone prints and writes files; the others train in silence.
+    writes = jax.process_index() == 0
+    log = functools.partial(print, flush=True) if writes else lambda line: None  # flushed: even into a pipe
     # The shapes and dtypes of the parameters, for reading a checkpoint: no random draw needed.
     template = jax.eval_shape(network.init, jax.ShapeDtypeStruct((2,), jnp.uint32))
     if args.load and args.predict:
@@ -820,8 +1001,11 @@ def main(argv=None):
     check_args(args, available_train_images=len(train_images))
     for path in args.predict or ():
         load_drawing(path)  # an unreadable image is refused now, not after training
+    mesh = make_mesh(args)
 
     device = describe_device()
+    if mesh is not None:
+        device += f", {mesh.size} devices in {args.num_processes} process{'es' if args.num_processes > 1 else ''}"
     held_out = f", the last {args.val_size} held out for validation" if args.val_size else ""
     log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
         f"{args.train_size} training images{held_out}, batch {args.batch_size}, lr {args.lr}, "
@@ -847,8 +1031,9 @@ def main(argv=None):
     config = {name: getattr(args, name) for name in RUN_FLAGS}
 
     def checkpoint(params, velocity, shuffle_key, epochs):
-        save_checkpoint(save_path, params, network_kind, velocity,
-                        {"config": config, "shuffle_key": shuffle_key, "epochs": epochs})
+        if writes:
+            save_checkpoint(save_path, params, network_kind, velocity,
+                            {"config": config, "shuffle_key": shuffle_key, "epochs": epochs})
 
     with StopOnInterrupt() as interrupted:
         if args.eval_only:
@@ -857,13 +1042,14 @@ def main(argv=None):
             params, epochs, compile_seconds, train_seconds = train(
                 network, params, args, train_images[:len(train_images) - args.val_size], train_labels,
                 eval_images, eval_labels, log, eval_name, resume, checkpoint if save_path else None,
-                stop=interrupted)
+                stop=interrupted, mesh=mesh)
             if interrupted():
                 log(f"interrupted: training stopped after epoch {len(epochs)} of {args.epochs}; writing what "
                     "it trained (Ctrl-C again aborts at once)")
 
-        predictions = np.asarray(make_predict(network)(params, pad_to_chunks(jnp.asarray(test_images))))
-        predictions = predictions[:len(test_labels)]
+        predictions = make_predict(network, mesh)(replicated(params, mesh),
+                                                  replicated(pad_to_chunks(test_images, mesh), mesh))
+        predictions = np.asarray(local(predictions))[:len(test_labels)]
         test_accuracy = accuracy_of(predictions, test_labels)
         log(f"test accuracy {100 * test_accuracy:.2f}% on {len(test_labels)} images; "
             f"training {train_seconds:.2f} s (compile {compile_seconds:.2f} s)")
@@ -875,14 +1061,17 @@ def main(argv=None):
             "compile_seconds": compile_seconds,
             "jax_version": jax.__version__,
             "device": device,
+            "devices": 1 if mesh is None else mesh.size,
+            "processes": args.num_processes,
         }
-        write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions)
-        log(f"wrote metrics.json and pictures to {args.out_dir}/")
-        if args.save and (args.eval_only or not epochs):
-            save_checkpoint(args.save, params, network_kind)
-        if save_path:
-            log(f"saved parameters to {save_path}")
-        if args.predict:
+        if writes:
+            write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions)
+            log(f"wrote metrics.json and pictures to {args.out_dir}/")
+            if args.save and (args.eval_only or not epochs):
+                save_checkpoint(args.save, params, network_kind)
+            if save_path:
+                log(f"saved parameters to {save_path}")
+        if args.predict and writes:
             classify_drawings(network, params, args.predict, log)
         return 130 if interrupted() else 0
 

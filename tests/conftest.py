@@ -1,5 +1,5 @@
-"""Shared set-up: the project root on sys.path, float64 so gradients can be compared to ~1e-12, and
-float32 matrix products at full precision.
+"""Shared set-up: the project root on sys.path, float64 so gradients can be compared to ~1e-12,
+float32 matrix products at full precision, and one compilation cache for the session.
 
 The training code fixes its own dtype (float32) explicitly, so model tests still run in float32. On a
 GPU, JAX's default float32 matrix product may round its inputs to TensorFloat-32 (10 mantissa bits);
@@ -7,12 +7,29 @@ GPU, JAX's default float32 matrix product may round its inputs to TensorFloat-32
 mean the same on every device.
 """
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One compilation cache for the whole test session, this process and the model.py processes the
+# tests start alike (run_cli passes it on): many tests build the same network and compile the same
+# epoch, and compiling, not computing, is most of their time on a small CPU. A cached executable is
+# the very one the compiler would produce again, so results do not change. The cache lives in a
+# temporary folder removed at exit: nothing carries over from one test session to the next.
+COMPILATION_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="jax-cache-"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+atexit.register(shutil.rmtree, COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+for name, value in COMPILATION_CACHE.items():
+    jax.config.update(name.lower(), value if name.endswith("DIR") else float(value) if "SECS" in name else int(value))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

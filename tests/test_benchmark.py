@@ -21,7 +21,7 @@ def test_quick_benchmark_runs_and_writes_results(tmp_path, capsys):
     speed.main(["--quick", "--out", str(out)])
     results = json.loads(out.read_text())
     assert results["quick"] is True
-    assert [row["batch_size"] for row in results["training_step"]] == [1, 32, 128]
+    assert [row["batch_size"] for row in results["training_step"]] == [32]
     for row in results["training_step"]:
         for side in ("ours", "jax_grad_same_layout", "jax_grad_batch_first"):
             assert row[side]["samples_per_second"] > 0, side

@@ -15,7 +15,7 @@ from PIL import Image
 import model
 from conftest import ROOT
 from data import load_mnist
-from test_model import run_cli
+from test_model import CLI_ENVIRONMENT, run_cli
 
 SMALL_RUN = ("--train-size", "3000", "--epochs", "4", "--batch-size", "50")
 
@@ -36,7 +36,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     it with the same parameters, bit for bit, and the same per-epoch table as a run never stopped."""
     command = [sys.executable, os.path.join(ROOT, "model.py"), *SMALL_RUN, "--data-dir", os.path.join(ROOT, "data"),
                "--out-dir", str(tmp_path / "stopped"), "--save", str(tmp_path / "stopped.npz")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=CLI_ENVIRONMENT)
     lines = []
     for line in process.stdout:
         lines.append(line)
