@@ -291,6 +291,13 @@ REFUSALS = [
     (["--resume", "run.npz", "--load", "run.npz"], "cannot be combined"),
     (["--eval-only"], "--eval-only needs --load"),
     (["--load", "net.npz", "--eval-only", "--predict", "x.png"], "--eval-only and --predict"),
+    (["--devices", "0"], "--devices must be at least 1"),
+    (["--devices", "2"], "--devices 2: this process has 1 cpu device"),
+    (["--devices", "3", "--batch-size", "100"], "does not split evenly over 3 devices; use 99 or 102"),
+    (["--preset", "seed", "--devices", "2"], "cannot be split across 2 devices"),
+    (["--num-processes", "2"], "need all three of --coordinator"),
+    (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"], "--process-id must be 0 to 1"),
+    (["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "1"], "expected HOST:PORT"),
     (["--epochs", "two"], "--epochs"),
     (["--preset", "fast"], "--preset"),
 ]
