@@ -76,7 +76,7 @@ class Network:
     """A stack of layers ending in a loss, each layer with init / forward / backward.
 
     params is a list with one dict per layer (empty for layers without parameters); grads has
-    exactly the same structure, so the update is one tree_map over both.
+    exactly the same structure, so the update maps over both together (sgd_update).
     """
 
     def __init__(self, layers, loss, shared_init_key=False):
@@ -123,7 +123,7 @@ class Network:
 # convolution's input channels, the flattened size, the number of classes) are not written here but
 # derived by build_network from the shape each layer's output_shape reports. A new network is a
 # new entry.
-CLASSES = "classes"  # stands for the number of classes, read from the data
+CLASSES = "classes"  # stands for the number of classes, build_network's num_classes
 
 
 def conv(kernel_size, depth, **options):
