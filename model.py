@@ -1082,5 +1082,5 @@ if __name__ == "__main__":
     except (UsageError, DataError) as error:
         sys.exit(f"model.py: error: {error}")
     except KeyboardInterrupt:
-        print("model.py: aborted by a second Ctrl-C; every file written so far is complete", file=sys.stderr)
+        print("model.py: stopped by Ctrl-C; every file written so far is complete", file=sys.stderr)
         sys.exit(130)

@@ -96,7 +96,7 @@ def test_convolution_weight_gradient_in_blocks(monkeypatch):
     each. The configurations above fit in one block; here the blocks hold two rows each, so every
     layer with more than two output rows needs several, the last one short where the count is odd."""
     rng = np.random.default_rng(4)
-    batches = [c for c in conv_configs(16, seed=5) if c["N"] > 1 and output_rows(c) > 2]
+    batches = [c for c in conv_configs(16, seed=5) if c["N"] > 1 and output_rows(c) > 2][:5]
     assert len(batches) >= 4 and any(output_rows(c) % 2 for c in batches)
     for c in batches:
         layer, params, x, d_y = conv_case(c, rng)

@@ -119,10 +119,15 @@ def test_compiled_epoch_equals_steps_taken_one_by_one(steps):
     rates = jnp.linspace(0.05, 0.02, steps, dtype=jnp.float32)
 
     expected_params, expected_velocity, expected_losses = params, velocity, []
+
+    @jax.jit  # each step compiled on its own (one compilation, not one per operation), run from Python
+    def one_step(params, velocity, x, labels, lr):
+        loss, grads = network.loss_and_grads(params, x, labels)
+        return (loss,) + model.sgd_update(params, velocity, grads, lr, 0.9, 5e-4)
+
     for step, batch in enumerate(np.asarray(order).reshape(steps, 4)):
-        loss, grads = network.loss_and_grads(expected_params, model.to_input(images[batch]), labels[batch])
-        expected_params, expected_velocity = model.sgd_update(expected_params, expected_velocity, grads,
-                                                              rates[step], 0.9, 5e-4)
+        loss, expected_params, expected_velocity = one_step(expected_params, expected_velocity,
+                                                            model.to_input(images[batch]), labels[batch], rates[step])
         expected_losses.append(float(loss))
 
     train_epoch = model.make_train_epoch(network, momentum=0.9, weight_decay=5e-4)
@@ -186,14 +191,14 @@ def test_training_step_with_momentum_and_decay_matches_jax_grad():
     labels = jnp.asarray([1, 5, 9, 0])
     lr, momentum, weight_decay = 0.05, 0.9, 5e-3
 
-    _, grads = network.loss_and_grads(params, x, labels)
+    _, grads = jax.jit(network.loss_and_grads)(params, x, labels)  # jitted: one compilation, not one per op
     ours, ours_velocity = model.sgd_update(params, velocity, grads, lr, momentum, weight_decay)
 
     def loss_only(params):
         output, _ = network.forward(params, x)
         return network.loss.forward(output, jax.nn.one_hot(labels, 10, dtype=jnp.float64))[0]
 
-    expected, expected_velocity = hand_sgd(params, velocity, jax.grad(loss_only)(params), lr, momentum,
+    expected, expected_velocity = hand_sgd(params, velocity, jax.jit(jax.grad(loss_only))(params), lr, momentum,
                                            weight_decay)
     for got, want, before in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(expected),
                                  jax.tree_util.tree_leaves(params)):
