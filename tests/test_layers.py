@@ -125,21 +125,21 @@ def test_convolution_matches_naive_loops():
         assert relative_error(grads["biases"], d_b_naive) <= 1e-12, c
 
 
-@pytest.mark.parametrize("pool_size, stride", [(2, 2), (3, 3), (2, 1), (3, 2), (3, 1), (2, 3), (1, 1)])
+@pytest.mark.parametrize("window, stride", [(2, 2), (3, 3), (2, 1), (3, 2), (3, 1), (2, 3), (1, 1)])
 @pytest.mark.parametrize("ties", ["first", "all"])
-def test_max_pool_matches_vjp(pool_size, stride, ties):
+def test_max_pool_matches_vjp(window, stride, ties):
     """Random real inputs have no ties, so both rules must agree with autodiff exactly. Includes
-    overlapping windows (stride < pool), gaps (stride > pool) and sizes that leave a remainder."""
-    rng = np.random.default_rng(pool_size * 10 + stride)
-    layer = MaxPool(pool_size, stride, ties)
+    overlapping windows (stride < window), gaps (stride > window) and sizes that leave a remainder."""
+    rng = np.random.default_rng(window * 10 + stride)
+    layer = MaxPool(window, stride, ties)
     worst = {}
     for C, H, W, N in [(1, 5, 5, 1), (3, 7, 6, 2), (2, 9, 13, 3), (1, 12, 8, 4)]:
         (x,) = random_arrays(rng, (C, H, W, N))
         d_y = jnp.asarray(rng.standard_normal(layer.output_shape((C, H, W)) + (N,)))
         for array, error in layer_errors_vs_vjp(layer, {}, x, d_y).items():
             worst[array] = max(worst.get(array, 0.0), error)
-            assert error <= VJP_BOUND, f"MaxPool({pool_size}, {stride}, {ties}) on {x.shape}: {error:.2e}"
-    report(f"MaxPool({pool_size},{stride},{ties}) vs jax.vjp", worst)
+            assert error <= VJP_BOUND, f"MaxPool({window}, {stride}, {ties}) on {x.shape}: {error:.2e}"
+    report(f"MaxPool({window},{stride},{ties}) vs jax.vjp", worst)
 
 
 @pytest.mark.parametrize("layer, x_shape, y_shape", [
