@@ -80,9 +80,12 @@ def conv_case(c, rng):
 def test_convolution_matches_vjp_over_random_configurations():
     rng = np.random.default_rng(1)
     worst = {}
-    configs = conv_configs(16)
-    # Single samples (the original's training) and batches, where dW and db also sum over n.
-    assert {c["N"] == 1 for c in configs} == {True, False}
+    configs = conv_configs(12)
+    # Single samples (the original's training) and batches, where dW and db also sum over n; every
+    # channel count, stride and padding of the ranges; tied and untied biases.
+    assert {c["N"] == 1 for c in configs} == {True, False} and {c["tied"] for c in configs} == {True, False}
+    assert all({c[key] for c in configs} == values for key, values in
+               [("C", {1, 2, 3}), ("S", {1, 2, 3}), ("P", {0, 1, 2}), ("N", {1, 2, 3, 4})])
     for c in configs:
         layer, params, x, d_y = conv_case(c, rng)
         for array, error in layer_errors_vs_vjp(layer, params, x, d_y).items():
