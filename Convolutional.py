@@ -86,15 +86,26 @@ class Convolutional:
     def forward(self, params, x):
         """x (C, H, W, N) -> (y (D, H_out, W_out, N), cache = x).
 
-        XLA's own convolution computes the sum above: written out as K*K offset slices (as the
-        backward is), XLA's CPU compiler would recompute that sum inside every later operation that
-        reads y. It also rounds as the original's per-sample run needs to be reproduced to every
-        printed digit (README.md, "The original run"). tests/test_layers.py checks this forward
-        against a naive loop over every index.
+        Two ways of computing the same sum, each where it was measured faster (PERFORMANCE.md):
+        one input channel: XLA's own convolution. Written out as K*K offset slices (as the
+            backward is), XLA's CPU compiler would recompute that sum inside every later operation
+            that reads y. It also rounds as the original's per-sample run needs to be reproduced to
+            every printed digit (README.md, "The original run").
+        several input channels: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N),
+            the patches as in _weight_gradient. XLA's CPU convolution with the batch last and
+            several input channels is slow.
+        tests/test_layers.py checks this forward against a naive loop over every index.
         """
-        P, S = self.padding, self.stride
-        y = lax.conv_general_dilated(x, params["weights"], (S, S), ((P, P), (P, P)),
-                                     dimension_numbers=("CHWN", "OIHW", "CHWN"))
+        K, S, P = self.kernel_size, self.stride, self.padding
+        weights = params["weights"]
+        D, C = weights.shape[:2]
+        if C == 1:
+            y = lax.conv_general_dilated(x, weights, (S, S), ((P, P), (P, P)),
+                                         dimension_numbers=("CHWN", "OIHW", "CHWN"))
+        else:
+            patches = lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
+                                                       dimension_numbers=("CHWN", "OIHW", "CHWN"))
+            y = (weights.reshape(D, -1) @ patches.reshape(C * K * K, -1)).reshape((D,) + patches.shape[1:])
         biases = params["biases"]
         return y + (biases[:, None, None, None] if self.tied_biases else biases[..., None]), x
 
