@@ -91,9 +91,8 @@ class Convolutional:
             backward is), XLA's CPU compiler would recompute that sum inside every later operation
             that reads y. It also rounds as the original's per-sample run needs to be reproduced to
             every printed digit (README.md, "The original run").
-        several input channels: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N),
-            the patches as in _weight_gradient. XLA's CPU convolution with the batch last and
-            several input channels is slow.
+        several input channels: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N)
+            (_patches). XLA's CPU convolution with the batch last and several input channels is slow.
         tests/test_layers.py checks this forward against a naive loop over every index.
         """
         K, S, P = self.kernel_size, self.stride, self.padding
@@ -103,8 +102,7 @@ class Convolutional:
             y = lax.conv_general_dilated(x, weights, (S, S), ((P, P), (P, P)),
                                          dimension_numbers=("CHWN", "OIHW", "CHWN"))
         else:
-            patches = lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
-                                                       dimension_numbers=("CHWN", "OIHW", "CHWN"))
+            patches = self._patches(x)
             y = (weights.reshape(D, -1) @ patches.reshape(C * K * K, -1)).reshape((D,) + patches.shape[1:])
         biases = params["biases"]
         return y + (biases[:, None, None, None] if self.tied_biases else biases[..., None]), x
@@ -144,16 +142,31 @@ class Convolutional:
             x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
             products = [d_y_rows @ x_slice.reshape(C, -1).T for x_slice in offset_slices(x_pad, K, S).values()]
             return jnp.stack(products, axis=-1).reshape(D, C, K, K)
-        # FAST PATH for a batch: the one im2col product. conv_general_dilated_patches builds the
-        # im2col matrix (XLA computes it as a convolution with 0/1 weights, an exact copy), as
-        # patches[c*K*K + i*K + j, h, w, n] = x_pad[c, S*h + i, S*w + j, n]. The product is summed over
-        # blocks of output rows so that each block's operands stay in cache (DW_BLOCK_COLUMNS).
-        patches = lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
-                                                   dimension_numbers=("CHWN", "OIHW", "CHWN"))
+        # FAST PATH for a batch: the one im2col product, summed over blocks of output rows so that
+        # each block's operands stay in cache (DW_BLOCK_COLUMNS).
+        patches = self._patches(x)
         rows = math.ceil(H_out / math.ceil(H_out * W_out * N / DW_BLOCK_COLUMNS))
         blocks = [d_y[:, top:top + rows].reshape(D, -1) @ patches[:, top:top + rows].reshape(C * K * K, -1).T
                   for top in range(0, H_out, rows)]
         return sum(blocks[1:], blocks[0]).reshape(D, C, K, K)
+
+    def _patches(self, x):
+        """x (C, H, W, N) -> the im2col matrix as (C*K*K, H_out, W_out, N),
+        patches[c*K*K + i*K + j, h, w, n] = x_pad[c, S*h + i, S*w + j, n].
+
+        Two ways to build the same exact copy, chosen by measurement in training (PERFORMANCE.md;
+        timed apart from their consumers, the two compare differently): for one channel and at most
+        3x3 offsets, XLA's conv_general_dilated_patches (a convolution with 0/1 weights); for more
+        offsets or channels, the offset slices stacked.
+        """
+        C = x.shape[0]
+        K, S, P = self.kernel_size, self.stride, self.padding
+        if C == 1 and K <= 3:
+            return lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
+                                                    dimension_numbers=("CHWN", "OIHW", "CHWN"))
+        x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
+        slices = list(offset_slices(x_pad, K, S).values())  # row-major (i, j), each (C, H_out, W_out, N)
+        return jnp.stack(slices, axis=1).reshape((C * K * K,) + slices[0].shape[1:])
 
     def _input_gradient(self, weights, d_y, x_shape):
         """weights (D, C, K, K), d_y (D, H_out, W_out, N) -> d_x of shape x_shape (C, H, W, N):

@@ -86,6 +86,8 @@ def test_convolution_matches_vjp_over_random_configurations():
     assert {c["N"] == 1 for c in configs} == {True, False} and {c["tied"] for c in configs} == {True, False}
     assert all({c[key] for c in configs} == values for key, values in
                [("C", {1, 2, 3}), ("S", {1, 2, 3}), ("P", {0, 1, 2}), ("N", {1, 2, 3, 4})])
+    # Both ways of building the im2col patches (Convolutional._patches), each in a batch.
+    assert {c["C"] == 1 and c["K"] <= 3 for c in configs if c["N"] > 1} == {True, False}
     for c in configs:
         layer, params, x, d_y = conv_case(c, rng)
         for array, error in layer_errors_vs_vjp(layer, params, x, d_y).items():
