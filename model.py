@@ -46,9 +46,11 @@ PRESETS = {
                     schedule="cosine", train_size=60000, shuffle=True, seed=0),
     "seed": dict(epochs=10, batch_size=1, lr=0.01, momentum=0.0, weight_decay=0.0,
                  schedule="constant", train_size=5000, shuffle=False, seed=0),
+    "lenet": dict(epochs=15, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                  train_size=60000, shuffle=True, seed=0),
 }
 # The network each preset builds; a checkpoint records it and refuses to load into the other.
-PRESET_NETWORK = {"default": "modern", "seed": "original"}
+PRESET_NETWORK = {"default": "modern", "seed": "original", "lenet": "lenet"}
 # A blind guess, the same probability 1/K for each of K classes, scores a loss of ln K. Training
 # starts near it and goes down; an epoch whose mean loss ends clearly above it (this factor times
 # ln K) has been thrown off by updates that overshoot. The clipped loss of the original network
@@ -151,6 +153,12 @@ NETWORKS = {
                              sizeless(MaxPool, 2, 2, ties="all"), sizeless(Flatten), dense(64), sizeless(ReLU),
                              dense(CLASSES), sizeless(Softmax)],
                      loss=CategoricalCrossEntropy, shared_init_key=True),
+    # LeNet-5 (LeCun et al. 1998) as it is usually rebuilt today: ReLU and max-pooling in place of
+    # the scaled tanh and trainable subsampling, and a plain dense output layer (THEORY.md §6).
+    "lenet": dict(layers=[conv(5, 6, padding=2), sizeless(ReLU), sizeless(MaxPool, 2, 2),
+                          conv(5, 16), sizeless(ReLU), sizeless(MaxPool, 2, 2), sizeless(Flatten),
+                          dense(120), sizeless(ReLU), dense(84), sizeless(ReLU), dense(CLASSES)],
+                  loss=SoftmaxCrossEntropy),
 }
 
 
@@ -454,7 +462,7 @@ def parse_args(argv=None):
                     "Flags given explicitly override the preset's values.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="'default': modern run on all 60,000 images; 'seed': the original run "
-                             "exactly (default: default)")
+                             "exactly; 'lenet': LeNet-5 on all 60,000 images (default: default)")
     for flag, kind, text in [
         ("--epochs", int, "passes over the training images"),
         ("--batch-size", int, "images per SGD step (the last incomplete batch of an epoch is skipped)"),

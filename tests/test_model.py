@@ -23,7 +23,7 @@ def mnist():
     return load_mnist(os.path.join(ROOT, "data"))
 
 
-@pytest.mark.parametrize("kind", ["modern", "original"])
+@pytest.mark.parametrize("kind", ["modern", "original", "lenet"])
 def test_network_gradients_match_autodiff(kind):
     """loss_and_grads of the whole network (float64) against jax.grad of the same forward pass."""
     network = model.build_network(kind)

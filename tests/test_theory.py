@@ -91,9 +91,11 @@ def test_theory_worked_example():
 
 
 def test_parameter_counts_match_theory():
-    """THEORY.md §6: 54,844 parameters with tied conv biases, 58,219 with the original's untied ones."""
+    """THEORY.md §6: 54,844 parameters with tied conv biases, 58,219 with the original's untied ones,
+    61,706 for LeNet-5."""
     def count(kind):
         params = model.build_network(kind).init(jax.random.PRNGKey(0))
         return sum(value.size for value in jax.tree_util.tree_leaves(params))
     assert count("modern") == 54844
     assert count("original") == 58219
+    assert count("lenet") == 61706
