@@ -133,13 +133,13 @@ class Convolutional:
         K, S, P = self.kernel_size, self.stride, self.padding
         D, H_out, W_out, N = d_y.shape
         C = x.shape[0]
-        d_y_rows = d_y.reshape(D, -1)
         if N == 1:
             # THE ORIGINAL'S ROUNDING. One sample takes the K*K products one offset at a time, the
             # order of additions in which the original's per-sample run is reproduced to every
             # printed digit (README.md). The slices come in row-major (i, j) order, so stacking the
             # products on a last axis gives (D, C, K*K).
             x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
+            d_y_rows = d_y.reshape(D, -1)
             products = [d_y_rows @ x_slice.reshape(C, -1).T for x_slice in offset_slices(x_pad, K, S).values()]
             return jnp.stack(products, axis=-1).reshape(D, C, K, K)
         # FAST PATH for a batch: the one im2col product, summed over blocks of output rows so that
@@ -173,7 +173,7 @@ class Convolutional:
         dx_pad[c, S*h + i, S*w + j, n] += sum_d F[d, c, i, j] * dy[d, h, w, n], then the padding
         cropped. For each offset, F[:, :, i, j]^T mixes dy's D filters into C channels, shaped like
         the slice that offset read; add_offset_slices puts every such slice back where it came from."""
-        C, H, W, N = x_shape
+        _, H, W, _ = x_shape
         K, S, P = self.kernel_size, self.stride, self.padding
         d_slices = {(i, j): jnp.einsum("dhwn,dc->chwn", d_y, weights[:, :, i, j])
                     for i in range(K) for j in range(K)}
