@@ -143,8 +143,8 @@ def sizeless(layer_class, *args, **options):
 
 NETWORKS = {
     # The default run's network (THEORY.md §6).
-    "modern": dict(layers=[conv(3, 5), sizeless(ReLU), sizeless(MaxPool, 2, 2), sizeless(Flatten), dense(64), sizeless(ReLU),
-                           dense(CLASSES)],
+    "modern": dict(layers=[conv(3, 5), sizeless(ReLU), sizeless(MaxPool, 2, 2), sizeless(Flatten), dense(64),
+                           sizeless(ReLU), dense(CLASSES)],
                    loss=SoftmaxCrossEntropy),
     # The original's: N(0, 1) filters with untied biases, every tied maximum of a pooling window
     # taking the gradient, a separate softmax and the clipped cross-entropy, and one key shared by
@@ -263,18 +263,14 @@ def make_predict(network, mesh=None):
     predicted classes (M,), computed a chunk at a time so memory stays bounded; with a mesh, each
     chunk split across its devices and the answers gathered, so that every device has them all."""
 
-    def classify(params, chunk):
+    def on_one_device(params, chunk):
         return network.probabilities(params, to_input(chunk)).argmax(-1)
 
-    if mesh is not None:
-        on_one_device = classify
-
-        def classify(params, chunk):
-            # all_gather hands every device all the answers; shard_map cannot prove that on its own
-            # (check_vma), so it is told: the output is the same on every device.
-            return jax.shard_map(lambda params, chunk: lax.all_gather(on_one_device(params, chunk), BATCH_AXIS,
-                                                                      tiled=True),
-                                 mesh=mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=P(), check_vma=False)(params, chunk)
+    # With a mesh, all_gather hands every device all the answers; shard_map cannot prove that on its
+    # own (check_vma), so it is told: the output is the same on every device.
+    classify = on_one_device if mesh is None else jax.shard_map(
+        lambda params, chunk: lax.all_gather(on_one_device(params, chunk), BATCH_AXIS, tiled=True),
+        mesh=mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=P(), check_vma=False)
 
     def predict(params, images):
         chunks = images.reshape(-1, eval_chunk(mesh), IMAGE_SIZE, IMAGE_SIZE)
@@ -387,12 +383,18 @@ def read_checkpoint(flag, path, network_kind=None):
         raise UsageError(f"{flag} {path}: not a checkpoint written by --save ({type(error).__name__})") from None
     if "network" not in stored:
         raise UsageError(f"{flag} {path}: not a checkpoint written by --save (no network record)")
+    if network_kind is not None:
+        check_network_kind(stored, network_kind, flag, path)
+    return stored
+
+
+def check_network_kind(stored, network_kind, flag, path):
+    """Refuses (UsageError, one line) a checkpoint saved from another network than network_kind."""
     saved_kind = str(stored["network"])
-    if network_kind is not None and saved_kind != network_kind:
+    if saved_kind != network_kind:
         preset_of = {kind: preset for preset, kind in PRESET_NETWORK.items()}
         raise UsageError(f"{flag} {path}: saved from the {saved_kind!r} network, but this run builds the "
                          f"{network_kind!r} one; load it with --preset {preset_of.get(saved_kind, '?')}")
-    return stored
 
 
 def layers_from(stored, prefix, template, flag, path):
@@ -421,9 +423,10 @@ def load_checkpoint(path, template, network_kind, flag="--load"):
     return layers_from(read_checkpoint(flag, path, network_kind), "", template, flag, path)
 
 
-def load_run(path, template, network_kind):
-    """(params, velocity or None, run) of a checkpoint to resume, as save_checkpoint wrote them."""
-    stored = read_checkpoint("--resume", path, network_kind)
+def load_run(stored, path, template, network_kind):
+    """(params, velocity or None, run) of the checkpoint at path to resume, already read (stored,
+    as resume_flags returns it), as save_checkpoint wrote them."""
+    check_network_kind(stored, network_kind, "--resume", path)
     params = layers_from(stored, "", template, "--resume", path)
     has_velocity = any(key.startswith("velocity/") for key in stored)
     velocity = layers_from(stored, "velocity/", template, "--resume", path) if has_velocity else None
@@ -453,6 +456,11 @@ def flag_of(name):
     return "--" + name.replace("_", "-")
 
 
+def preset_values(name):
+    """The value each preset gives a flag, for its help: 'default: 15, seed: 10, ...'."""
+    return ", ".join(f"{preset}: {values[name]}" for preset, values in PRESETS.items())
+
+
 def parse_args(argv=None):
     """The command line as args; args.explicit names the RUN_FLAGS given on it (the rest come from
     the preset)."""
@@ -472,15 +480,15 @@ def parse_args(argv=None):
         ("--train-size", int, "use the first N training images (with --val-size, of those not held out)"),
         ("--seed", int, "seed for initialisation and shuffling"),
     ]:
-        defaults = ", ".join(f"{name}: {values[flag[2:].replace('-', '_')]}" for name, values in PRESETS.items())
-        parser.add_argument(flag, type=kind, default=None, help=f"{text} (preset {defaults})")
+        parser.add_argument(flag, type=kind, default=None,
+                            help=f"{text} (preset {preset_values(flag[2:].replace('-', '_'))})")
     parser.add_argument("--val-size", type=int, default=None, metavar="N",
                         help="hold out the last N training images for validation: each epoch reports "
                              "validation accuracy, and the test images are used once, at the end (default: 0)")
     parser.add_argument("--schedule", choices=["constant", "cosine"], default=None,
-                        help="learning-rate schedule (preset default: cosine, seed: constant)")
+                        help=f"learning-rate schedule (preset {preset_values('schedule')})")
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
-                        help="reshuffle the training images every epoch (preset default: yes, seed: no)")
+                        help=f"reshuffle the training images every epoch (preset {preset_values('shuffle')})")
     parser.add_argument("--data-dir", default="data",
                         help="folder with the four MNIST IDX files, .gz or raw (default: %(default)s)")
     parser.add_argument("--out-dir", default="results",
@@ -516,7 +524,7 @@ def parse_args(argv=None):
 
 def resume_flags(args):
     """Sets args' RUN_FLAGS to those of the run saved at args.resume, refusing (UsageError, one line)
-    explicit flags that would change that run."""
+    explicit flags that would change that run. Returns the checkpoint's arrays, for load_run."""
     stored = read_checkpoint("--resume", args.resume)
     if "run/config" not in stored:
         raise UsageError(f"--resume {args.resume}: holds parameters only, not a run to resume; "
@@ -528,6 +536,7 @@ def resume_flags(args):
                              f"run, which has {config[name]}; drop {flag_of(name)}, or start a new run")
     for name in RUN_FLAGS:
         setattr(args, name, config[name])
+    return stored
 
 
 def check_args(args, available_train_images=None):
@@ -780,13 +789,12 @@ def resampling(size, new_size):
 UNSURE_BELOW = 0.5
 
 
-def classify_drawings(network, params, paths, log=print):
-    """Prints the digit and the ten probabilities for each PNG, with a warning line for a blank
-    image or an unsure answer."""
-    drawings = [load_drawing(path) for path in paths]
-    batch = to_input(jnp.asarray(np.stack([digit for digit, _ in drawings])))
+def classify_drawings(network, params, drawings, log=print):
+    """Prints the digit and the ten probabilities for each of drawings, (path, digit, warning) as
+    load_drawing prepared them, with a warning line for a blank image or an unsure answer."""
+    batch = to_input(jnp.asarray(np.stack([digit for _, digit, _ in drawings])))
     probabilities = np.asarray(jax.jit(network.probabilities)(params, batch))
-    for path, (_, warning), row in zip(paths, drawings, probabilities):
+    for (path, _, warning), row in zip(drawings, probabilities):
         if warning:
             log(warning)
         elif row.max() < UNSURE_BELOW:
@@ -992,8 +1000,7 @@ def main(argv=None):
     check_args(args)
     if args.coordinator:
         join_processes(args)
-    if args.resume:
-        resume_flags(args)
+    stored_run = resume_flags(args) if args.resume else None
     network_kind = PRESET_NETWORK[args.preset]
     network = build_network(network_kind)
     # With several processes, process 0 alone prints and writes files; the others train in silence.
@@ -1001,14 +1008,14 @@ def main(argv=None):
     log = functools.partial(print, flush=True) if writes else lambda line: None  # flushed: even into a pipe
     # The shapes and dtypes of the parameters, for reading a checkpoint: no random draw needed.
     template = jax.eval_shape(network.init, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    # Read now: an unreadable image is refused before any training, not after it.
+    drawings = [(path,) + load_drawing(path) for path in args.predict or ()]
     if args.load and args.predict:
-        classify_drawings(network, load_checkpoint(args.load, template, network_kind), args.predict, log)
+        classify_drawings(network, load_checkpoint(args.load, template, network_kind), drawings, log)
         return 0
     train_images, train_labels, test_images, test_labels = load_mnist(args.data_dir)
     fit_train_size(args, len(train_images))
     check_args(args, available_train_images=len(train_images))
-    for path in args.predict or ():
-        load_drawing(path)  # an unreadable image is refused now, not after training
     mesh = make_mesh(args)
 
     device = describe_device()
@@ -1027,7 +1034,7 @@ def main(argv=None):
     if args.load:
         params = load_checkpoint(args.load, template, network_kind)
     elif args.resume:
-        params, velocity, run = load_run(args.resume, template, network_kind)
+        params, velocity, run = load_run(stored_run, args.resume, template, network_kind)
         resume = {"velocity": velocity, "shuffle_key": run["shuffle_key"], "epochs": run["epochs"]}
         if len(run["epochs"]) >= args.epochs:
             raise UsageError(f"--resume {args.resume}: the run has done all its {args.epochs} epochs already; "
@@ -1080,7 +1087,7 @@ def main(argv=None):
             if save_path:
                 log(f"saved parameters to {save_path}")
         if args.predict and writes:
-            classify_drawings(network, params, args.predict, log)
+            classify_drawings(network, params, drawings, log)
         return 130 if interrupted() else 0
 
 
