@@ -1,12 +1,16 @@
-"""MNIST in its original IDX format, read with gzip, struct and numpy alone.
+"""IDX image datasets (MNIST and any other in its format), read with gzip, struct and numpy alone.
 
 An IDX file is a big-endian header followed by raw bytes:
     images: magic 2051 (0x00000803: unsigned bytes, 3 dimensions), count, rows, columns, then
-            count * rows * columns pixels, row-major, 0 (background) .. 255 (ink);
+            count * rows * columns pixels, row-major, 0 (background) .. 255 (ink); or, for images
+            with several channels (colour), magic 2052 (0x00000804: 4 dimensions), count, rows,
+            columns, channels, the channels last;
     labels: magic 2049 (0x00000801: unsigned bytes, 1 dimension), count, then count labels.
-The loader accepts each file gzip-compressed (NAME.gz) or raw (NAME), checks everything it can
-(header, exact size, matching counts, label range, and SHA-256 where the directory has SHA256SUMS)
-and raises DataError with one line that names the file, what is wrong and what to do.
+A dataset is four such files in one folder, under MNIST's names (FILES; an images file may say
+idx4 for idx3). Each file may be gzip-compressed (NAME.gz) or raw (NAME). The loader checks
+everything it can (header, exact size, matching counts, train and test images of one shape, labels
+0..K-1 with K >= 2 read from the training labels, and SHA-256 where the folder has SHA256SUMS) and
+raises DataError with one line that names the file, what is wrong and what to do.
 """
 
 import gzip
@@ -23,30 +27,46 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
-NUM_CLASSES = 10
-IMAGE_SIZE = 28
+# The header's magic number for each number of dimensions an images file may have, and the labels'.
+IMAGE_MAGICS = {3: 2051, 4: 2052}
+LABEL_MAGIC = 2049
 
 
 class DataError(Exception):
     """A data file is missing or not what it should be; the message is one line for the user."""
 
 
-def _read_bytes(data_dir, name):
-    """The decompressed bytes of data_dir/name.gz, or of data_dir/name if there is no .gz, and the path read."""
-    gz_path, raw_path = os.path.join(data_dir, name + ".gz"), os.path.join(data_dir, name)
-    if os.path.isfile(gz_path):
-        try:
-            with gzip.open(gz_path, "rb") as f:
-                return f.read(), gz_path
-        except (OSError, EOFError, zlib.error) as error:
-            raise DataError(f"{gz_path}: not a valid gzip file ({error}); "
-                            "replace it with an intact copy") from None
-    if os.path.isfile(raw_path):
-        with open(raw_path, "rb") as f:
-            return f.read(), raw_path
-    raise DataError(f"{gz_path} (or uncompressed {name}) not found in {data_dir!r}; "
-                    "point --data-dir at a folder holding the four MNIST IDX files")
+def _names(key):
+    """The file names key may have: MNIST's, and for images the same with idx4 for idx3."""
+    name = FILES[key]
+    return (name, name.replace("idx3", "idx4")) if key.endswith("images") else (name,)
+
+
+def dataset_file(data_dir, key):
+    """The path of the file of key (FILES) in data_dir: the first of its names that exists, NAME.gz
+    before raw NAME; None if there is none."""
+    for name in _names(key):
+        for path in (os.path.join(data_dir, name + ".gz"), os.path.join(data_dir, name)):
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _read_bytes(data_dir, key):
+    """The decompressed bytes of the file of key in data_dir (dataset_file), and its path."""
+    path = dataset_file(data_dir, key)
+    if path is None:
+        raise DataError(f"{os.path.join(data_dir, FILES[key])}.gz (or uncompressed {FILES[key]}) not found in "
+                        f"{data_dir!r}; point --data-dir at a folder holding the four IDX files "
+                        f"({', '.join(FILES.values())})")
+    if not path.endswith(".gz"):
+        with open(path, "rb") as f:
+            return f.read(), path
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read(), path
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: not a valid gzip file ({error}); replace it with an intact copy") from None
 
 
 def _read_checksums(data_dir):
@@ -67,18 +87,21 @@ def _read_checksums(data_dir):
     return sums
 
 
-def _parse_idx(raw, path, magic, dims):
-    """Header check and parse: returns the uint8 array of shape (count, *sizes) for `dims` dimensions."""
-    header_size = 4 + 4 * dims
+def _parse_idx(raw, path, magics):
+    """Header check and parse: returns the uint8 array of shape (count, *sizes), for a header whose
+    magic number is one of magics, {magic: number of dimensions}."""
     # A file whose first 4 bytes are there but wrong is mislabelled rather than truncated: say so first.
-    found_magic = struct.unpack(">i", raw[:4])[0] if len(raw) >= 4 else magic
-    if found_magic != magic:
+    found_magic = struct.unpack(">i", raw[:4])[0] if len(raw) >= 4 else next(iter(magics))
+    if found_magic not in magics:
         # The magic number is 0, 0, a data-type code (0x08: unsigned byte), the number of dimensions.
         type_code, found_dims = raw[2], raw[3]
+        expected = " or ".join(f"{magic} ({dims} dimensions)" for magic, dims in magics.items())
         raise DataError(f"{path}: magic number {found_magic} (type code 0x{type_code:02X}, {found_dims} "
-                        f"dimensions), expected {magic} (type 0x08 unsigned bytes, {dims} dimensions, "
-                        f"{'images' if magic == IMAGE_MAGIC else 'labels'}); "
+                        f"dimensions), expected {expected} of type 0x08, unsigned bytes, for "
+                        f"{'labels' if LABEL_MAGIC in magics else 'images'}; "
                         "is this the right file under the right name?")
+    dims = magics[found_magic]
+    header_size = 4 + 4 * dims
     if len(raw) < header_size:
         raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; "
                         "the file is truncated, replace it")
@@ -91,45 +114,69 @@ def _parse_idx(raw, path, magic, dims):
 
 
 def _load_file(data_dir, key, checksums):
-    name = FILES[key]
-    raw, path = _read_bytes(data_dir, name)
+    raw, path = _read_bytes(data_dir, key)
+    name = os.path.basename(path).removesuffix(".gz")
     if name in checksums:
         digest = hashlib.sha256(raw).hexdigest()
         if digest != checksums[name]:
             raise DataError(f"{path}: SHA-256 of its contents is {digest}, but SHA256SUMS says "
                             f"{checksums[name]}; the file is corrupt or a different file, replace it")
-    is_images = key.endswith("images")
-    return _parse_idx(raw, path, IMAGE_MAGIC if is_images else LABEL_MAGIC, 3 if is_images else 1), path
+    magics = {magic: dims for dims, magic in IMAGE_MAGICS.items()} if key.endswith("images") else {LABEL_MAGIC: 1}
+    return _parse_idx(raw, path, magics), path
 
 
-def load_mnist(data_dir="data"):
-    """Loads the four MNIST IDX files from data_dir.
+def describe_images(images):
+    """'28x28' for grey images (N, H, W), '32x32x3' for (N, H, W, C)."""
+    return "x".join(str(size) for size in images.shape[1:])
+
+
+def load_idx(data_dir="data"):
+    """Loads the four IDX files of a dataset from data_dir (MNIST's by default).
 
     Returns (train_images, train_labels, test_images, test_labels) as numpy arrays:
-        images uint8 (N, 28, 28), 0..255, no channel axis (the model adds it when it scales to [0, 1]);
-        labels uint8 (N,), 0..9.
-    Raises DataError (one line: file, problem, remedy) on any missing or malformed file.
+        images uint8 (N, H, W) grey or (N, H, W, C) with C channels, 0..255, the same shape for
+            both splits (MNIST: (N, 28, 28); the model moves the batch last when it scales to [0, 1]);
+        labels uint8 (N,), 0..K-1: K = number_of_classes(train_labels) classes, at least 2, and
+            every test label one of the training labels' range (MNIST: 0..9).
+    Raises DataError (one line: file, problem, remedy) on any missing, malformed or mismatched file.
     """
     if os.path.isfile(data_dir):
         raise DataError(f"data directory {data_dir!r} is a file, not a folder; "
-                        "pass --data-dir the folder that holds the four MNIST IDX files")
+                        "pass --data-dir the folder that holds the four IDX files")
     if not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir!r} does not exist; "
-                        "pass --data-dir with a folder holding the four MNIST IDX files")
+                        "pass --data-dir with a folder holding the four IDX files")
     checksums = _read_checksums(data_dir)
-    arrays = []
+    arrays, paths = [], {}
     for split in ("train", "test"):
-        images, images_path = _load_file(data_dir, split + "_images", checksums)
-        labels, labels_path = _load_file(data_dir, split + "_labels", checksums)
-        if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-            raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, "
-                            f"this network needs {IMAGE_SIZE}x{IMAGE_SIZE}")
+        images, paths[split + "_images"] = _load_file(data_dir, split + "_images", checksums)
+        labels, paths[split + "_labels"] = _load_file(data_dir, split + "_labels", checksums)
         if len(images) != len(labels):
-            raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds "
-                            f"{len(labels)} labels; the two files do not belong together")
-        if len(labels) and labels.max() >= NUM_CLASSES:
-            bad = int(np.argmax(labels >= NUM_CLASSES))
-            raise DataError(f"{labels_path}: label {labels[bad]} at index {bad} is outside "
-                            f"0..{NUM_CLASSES - 1}; this network has {NUM_CLASSES} classes")
+            raise DataError(f"{paths[split + '_images']} holds {len(images)} images but {paths[split + '_labels']} "
+                            f"holds {len(labels)} labels; the two files do not belong together")
+        if not len(images):
+            raise DataError(f"{paths[split + '_images']} holds no images; a dataset needs some in both splits")
+        if min(images.shape[1:]) < 1:
+            raise DataError(f"{paths[split + '_images']}: its images are {describe_images(images)}, "
+                            "with no pixels; replace it")
         arrays += [images, labels]
+    train_images, train_labels, test_images, test_labels = arrays
+    if test_images.shape[1:] != train_images.shape[1:]:
+        raise DataError(f"{paths['test_images']}: images are {describe_images(test_images)}, but the training "
+                        f"images ({paths['train_images']}) are {describe_images(train_images)}; both splits "
+                        "need images of one size and number of channels")
+    if np.all(train_labels == train_labels[0]):
+        raise DataError(f"{paths['train_labels']}: every training label is {train_labels[0]}, one class only; "
+                        "a classifier needs at least two classes, labelled 0..K-1")
+    classes = number_of_classes(train_labels)
+    if test_labels.max() >= classes:
+        bad = int(np.argmax(test_labels >= classes))
+        raise DataError(f"{paths['test_labels']}: label {test_labels[bad]} at index {bad} is outside the "
+                        f"training labels' range 0..{classes - 1}; the test labels do not belong to this "
+                        "training set")
     return tuple(arrays)
+
+
+def number_of_classes(train_labels):
+    """K, for labels 0..K-1: one more than the largest training label."""
+    return int(train_labels.max()) + 1

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
-from data import IMAGE_SIZE, NUM_CLASSES, DataError, load_mnist
+from data import DataError, dataset_file, describe_images, load_idx, number_of_classes
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 
 PRESETS = {
@@ -79,10 +79,13 @@ class Network:
 
     params is a list with one dict per layer (empty for layers without parameters); grads has
     exactly the same structure, so the update maps over both together (sgd_update).
+    kind, input_shape (C, H, W) and num_classes K say what build_network built it for (a checkpoint
+    records them).
     """
 
-    def __init__(self, layers, loss, shared_init_key=False):
+    def __init__(self, layers, loss, kind=None, input_shape=None, num_classes=None, shared_init_key=False):
         self.layers, self.loss = layers, loss
+        self.kind, self.input_shape, self.num_classes = kind, input_shape, num_classes
         # The original drew every layer's weights from one and the same key; a fresh network
         # gives each layer a key of its own.
         self.shared_init_key = shared_init_key
@@ -90,10 +93,15 @@ class Network:
     def init(self, key):
         keys = [key] * len(self.layers) if self.shared_init_key else list(jax.random.split(key, len(self.layers)))
         # Compiled as one function: drawn op by op, each random draw would be compiled on its own.
-        return jax.jit(lambda keys: [layer.init(k) for layer, k in zip(self.layers, keys)])(keys)
+        # The draws are integer hashing and one elementwise transform, run once; XLA's full
+        # optimisation only makes their compilation several times slower (a second or more, on
+        # every run). At level 1 the weights are the same, bit for bit, as drawn op by op
+        # (tests/test_model.py checks every network).
+        draw = jax.jit(lambda keys: [layer.init(k) for layer, k in zip(self.layers, keys)])
+        return draw.lower(keys).compile({"xla_backend_optimization_level": 1})(keys)
 
     def forward(self, params, x):
-        """x (1, 28, 28, N) -> (output (N, 10), caches): probabilities or logits, as the loss expects."""
+        """x (C, H, W, N) -> (output (N, K), caches): probabilities or logits, as the loss expects."""
         caches = []
         for layer, layer_params in zip(self.layers, params):
             x, cache = layer.forward(layer_params, x)
@@ -101,7 +109,7 @@ class Network:
         return x, caches
 
     def backward(self, params, caches, d_output):
-        """d_output (N, 10), the loss's gradient -> grads, one dict per layer (THEORY.md §4.6)."""
+        """d_output (N, K), the loss's gradient -> grads, one dict per layer (THEORY.md §4.6)."""
         grads = [None] * len(self.layers)
         d_x = d_output
         for index in reversed(range(len(self.layers))):
@@ -109,14 +117,14 @@ class Network:
         return grads
 
     def loss_and_grads(self, params, x, labels):
-        """x (1, 28, 28, N) float, labels (N,) int -> (mean loss over the batch, grads)."""
+        """x (C, H, W, N) float, labels (N,) int -> (mean loss over the batch, grads)."""
         output, caches = self.forward(params, x)
         targets = (labels[:, None] == jnp.arange(output.shape[-1])).astype(output.dtype)
         loss, loss_cache = self.loss.forward(output, targets)
         return loss, self.backward(params, caches, self.loss.backward(loss_cache))
 
     def probabilities(self, params, x):
-        """x (1, 28, 28, N) -> class probabilities (N, 10)."""
+        """x (C, H, W, N) -> class probabilities (N, K)."""
         output, _ = self.forward(params, x)
         return self.loss.probabilities(output)
 
@@ -162,16 +170,24 @@ NETWORKS = {
 }
 
 
-def build_network(kind, input_shape=(1, IMAGE_SIZE, IMAGE_SIZE), num_classes=NUM_CLASSES):
-    """The network NETWORKS[kind] for inputs of input_shape (C, H, W) and num_classes classes."""
+# MNIST's: one grey channel of 28 x 28 pixels, ten digits.
+MNIST_INPUT_SHAPE, MNIST_CLASSES = (1, 28, 28), 10
+
+
+def build_network(kind, input_shape=MNIST_INPUT_SHAPE, num_classes=MNIST_CLASSES):
+    """The network NETWORKS[kind] for inputs of input_shape (C, H, W) and num_classes classes.
+    Raises ValueError, saying which layer, if the inputs are too small for the network."""
     spec = NETWORKS[kind]
     layers, shape = [], tuple(input_shape)
     for make in spec["layers"]:
         layers.append(make(shape, num_classes))
-        shape = layers[-1].output_shape(shape)
+        shape, input_of_layer = layers[-1].output_shape(shape), shape
+        if min(shape) < 1:
+            raise ValueError(f"layer {len(layers)}, {type(layers[-1]).__name__}, turns {input_of_layer} into {shape}")
     if shape != (num_classes,):
         raise ValueError(f"the {kind!r} network ends in shape {shape}, not one score per class ({num_classes})")
-    return Network(layers, spec["loss"](), shared_init_key=spec.get("shared_init_key", False))
+    return Network(layers, spec["loss"](), kind, tuple(input_shape), num_classes,
+                   shared_init_key=spec.get("shared_init_key", False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,9 +209,13 @@ def sgd_update(params, velocity, grads, lr, momentum, weight_decay=0.0):
 
 
 def to_input(images_uint8):
-    """(N, 28, 28) uint8 -> (1, 28, 28, N) float32 in [0, 1]: one channel, the batch last, as the
-    convolution reads it (Convolutional.py)."""
-    return jnp.moveaxis(images_uint8, 0, -1)[None].astype(jnp.float32) / 255
+    """(N, H, W) grey or (N, H, W, C) uint8 -> (C, H, W, N) float32 in [0, 1]: the channels first,
+    the batch last, as the convolution reads them (Convolutional.py)."""
+    if images_uint8.ndim == 3:
+        x = jnp.moveaxis(images_uint8, 0, -1)[None]
+    else:
+        x = jnp.transpose(images_uint8, (3, 1, 2, 0))
+    return x.astype(jnp.float32) / 255
 
 
 # The name of the one mesh axis data-parallel training splits every batch along.
@@ -203,7 +223,7 @@ BATCH_AXIS = "batch"
 
 
 def batch_loss_and_grads(network, mesh=None):
-    """(params, images (B, 28, 28) uint8, labels (B,)) -> (the batch's mean loss, grads).
+    """(params, images (B, H, W) or (B, H, W, C) uint8, labels (B,)) -> (the batch's mean loss, grads).
 
     Without a mesh, one device computes it. With a mesh of D devices, each device runs the layers'
     own forward and backward on its B/D images, and the results are averaged across the devices
@@ -227,7 +247,7 @@ def batch_loss_and_grads(network, mesh=None):
 def make_train_epoch(network, momentum, weight_decay=0.0, mesh=None):
     """A jitted function running one epoch as a lax.scan over minibatches:
 
-    (params, velocity, images (M, 28, 28) uint8, labels (M,), order (steps * B,) int32, the images
+    (params, velocity, images (M, H, W) or (M, H, W, C) uint8, labels (M,), order (steps * B,) int32, the images
      of this epoch in the order they are used, learning_rates (steps,))
     -> (params, velocity, losses (steps,), each the batch's mean loss before that batch's update).
     params and velocity are donated: XLA may update them in place. With a mesh, every batch is
@@ -240,7 +260,7 @@ def make_train_epoch(network, momentum, weight_decay=0.0, mesh=None):
         # One gather for the whole epoch, in uint8, then the scan steps through contiguous batches.
         # (Gathering each batch inside the step is slower on a CPU, PERFORMANCE.md: XLA re-executes
         # the gather inside every fusion that reads the batch, one per convolution offset.)
-        batch_images = images[order].reshape(steps, -1, IMAGE_SIZE, IMAGE_SIZE)
+        batch_images = images[order].reshape((steps, -1) + images.shape[1:])
         batch_labels = labels[order].reshape(steps, -1)
 
         def step(carry, batch):
@@ -259,7 +279,7 @@ def make_train_epoch(network, momentum, weight_decay=0.0, mesh=None):
 
 @functools.lru_cache(maxsize=None)  # one compiled evaluation per network and mesh, shared by train and main
 def make_predict(network, mesh=None):
-    """A jitted function: (params, images (M, 28, 28) uint8, M a multiple of eval_chunk(mesh)) ->
+    """A jitted function: (params, images (M, H, W) or (M, H, W, C) uint8, M a multiple of eval_chunk(mesh)) ->
     predicted classes (M,), computed a chunk at a time so memory stays bounded; with a mesh, each
     chunk split across its devices and the answers gathered, so that every device has them all."""
 
@@ -273,7 +293,7 @@ def make_predict(network, mesh=None):
         mesh=mesh, in_specs=(P(), P(BATCH_AXIS)), out_specs=P(), check_vma=False)
 
     def predict(params, images):
-        chunks = images.reshape(-1, eval_chunk(mesh), IMAGE_SIZE, IMAGE_SIZE)
+        chunks = images.reshape((-1, eval_chunk(mesh)) + images.shape[1:])
         return lax.map(lambda chunk: classify(params, chunk), chunks).reshape(-1)
 
     return jax.jit(predict)
@@ -286,9 +306,9 @@ def eval_chunk(mesh=None):
 
 
 def pad_to_chunks(images, mesh=None):
-    """Pads (M, 28, 28) with blank images to a multiple of eval_chunk(mesh); predictions past M are dropped."""
+    """Pads images (M, ...) with blank ones to a multiple of eval_chunk(mesh); predictions past M are dropped."""
     missing = -len(images) % eval_chunk(mesh)
-    return jnp.pad(jnp.asarray(images), ((0, missing), (0, 0), (0, 0)))
+    return jnp.pad(jnp.asarray(images), ((0, missing),) + ((0, 0),) * (np.ndim(images) - 1))
 
 
 def replicated(tree, mesh=None):
@@ -348,16 +368,19 @@ def current_umask():
     return umask
 
 
-def save_checkpoint(path, params, network_kind, velocity=None, run=None):
-    """Writes params and the network kind to an .npz file atomically. A checkpoint that a run can be
-    resumed from also holds the velocity (with momentum) and `run`: {"config": the run's flags,
-    "shuffle_key": the shuffling key after the epochs done, "epochs": their per-epoch records}."""
+def save_checkpoint(path, params, network, velocity=None, run=None):
+    """Writes params, and what they were trained for (the network's kind, input shape (C, H, W) and
+    number of classes), to an .npz file atomically. A checkpoint that a run can be resumed from also
+    holds the velocity (with momentum) and `run`: {"config": the run's flags, "shuffle_key": the
+    shuffling key after the epochs done, "epochs": their per-epoch records}."""
     def layer_arrays(prefix, tree):
         return {f"{prefix}layer{index}/{name}": np.asarray(value)
                 for index, layer_params in enumerate(tree) for name, value in layer_params.items()}
 
     arrays = layer_arrays("", params)
-    arrays["network"] = np.array(network_kind)
+    arrays["network"] = np.array(network.kind)
+    arrays["input_shape"] = np.array(network.input_shape)
+    arrays["num_classes"] = np.array(network.num_classes)
     if velocity is not None:
         arrays.update(layer_arrays("velocity/", velocity))
     if run is not None:
@@ -372,9 +395,9 @@ def save_checkpoint(path, params, network_kind, velocity=None, run=None):
     write_atomically(path, write)
 
 
-def read_checkpoint(flag, path, network_kind=None):
+def read_checkpoint(flag, path):
     """The arrays of a checkpoint written by save_checkpoint, refusing (UsageError, one line) a
-    file that is not one, or one saved from another network than network_kind (if given)."""
+    file that is not one."""
     require_file(flag, path)
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -383,18 +406,35 @@ def read_checkpoint(flag, path, network_kind=None):
         raise UsageError(f"{flag} {path}: not a checkpoint written by --save ({type(error).__name__})") from None
     if "network" not in stored:
         raise UsageError(f"{flag} {path}: not a checkpoint written by --save (no network record)")
-    if network_kind is not None:
-        check_network_kind(stored, network_kind, flag, path)
     return stored
 
 
-def check_network_kind(stored, network_kind, flag, path):
-    """Refuses (UsageError, one line) a checkpoint saved from another network than network_kind."""
+def trained_for(stored):
+    """(input shape (C, H, W), number of classes) a checkpoint's parameters were trained for; MNIST's
+    for a checkpoint from before checkpoints recorded them."""
+    if "input_shape" not in stored:
+        return MNIST_INPUT_SHAPE, MNIST_CLASSES
+    return tuple(int(size) for size in stored["input_shape"]), int(stored["num_classes"])
+
+
+def describe_data(input_shape, num_classes):
+    """'28x28 images in 10 classes' for (1, 28, 28), '12x12x3 images in 4 classes' for (3, 12, 12)."""
+    C, H, W = input_shape
+    return f"{H}x{W}{'' if C == 1 else f'x{C}'} images in {num_classes} classes"
+
+
+def check_checkpoint(stored, network, flag, path):
+    """Refuses (UsageError, one line) a checkpoint saved from another network than this one, or
+    trained on images of another shape or another number of classes."""
     saved_kind = str(stored["network"])
-    if saved_kind != network_kind:
+    if saved_kind != network.kind:
         preset_of = {kind: preset for preset, kind in PRESET_NETWORK.items()}
         raise UsageError(f"{flag} {path}: saved from the {saved_kind!r} network, but this run builds the "
-                         f"{network_kind!r} one; load it with --preset {preset_of.get(saved_kind, '?')}")
+                         f"{network.kind!r} one; load it with --preset {preset_of.get(saved_kind, '?')}")
+    if trained_for(stored) != (network.input_shape, network.num_classes):
+        raise UsageError(f"{flag} {path}: trained on {describe_data(*trained_for(stored))}, but this data has "
+                         f"{describe_data(network.input_shape, network.num_classes)}; pass --data-dir the "
+                         "dataset it was trained on")
 
 
 def layers_from(stored, prefix, template, flag, path):
@@ -417,19 +457,26 @@ def layers_from(stored, prefix, template, flag, path):
     return tree
 
 
-def load_checkpoint(path, template, network_kind, flag="--load"):
-    """The parameters of a checkpoint written by save_checkpoint, in the structure of `template` (the
-    params of a freshly initialised network), refusing files that don't fit it."""
-    return layers_from(read_checkpoint(flag, path, network_kind), "", template, flag, path)
+def parameter_shapes(network):
+    """The shapes and dtypes of the network's parameters, for reading a checkpoint: no random draw."""
+    return jax.eval_shape(lambda key: [layer.init(key) for layer in network.layers],
+                          jax.ShapeDtypeStruct((2,), jnp.uint32))
 
 
-def load_run(stored, path, template, network_kind):
+def load_checkpoint(path, network, flag="--load", stored=None):
+    """The parameters of the checkpoint at path (or already read from it: stored) written by
+    save_checkpoint, refusing (UsageError, one line) files that do not fit the network."""
+    stored = read_checkpoint(flag, path) if stored is None else stored
+    check_checkpoint(stored, network, flag, path)
+    return layers_from(stored, "", parameter_shapes(network), flag, path)
+
+
+def load_run(stored, path, network):
     """(params, velocity or None, run) of the checkpoint at path to resume, already read (stored,
     as resume_flags returns it), as save_checkpoint wrote them."""
-    check_network_kind(stored, network_kind, "--resume", path)
-    params = layers_from(stored, "", template, "--resume", path)
+    params = load_checkpoint(path, network, "--resume", stored)
     has_velocity = any(key.startswith("velocity/") for key in stored)
-    velocity = layers_from(stored, "velocity/", template, "--resume", path) if has_velocity else None
+    velocity = layers_from(stored, "velocity/", parameter_shapes(network), "--resume", path) if has_velocity else None
     run = {"config": json.loads(str(stored["run/config"])), "epochs": json.loads(str(stored["run/epochs"])),
            "shuffle_key": jnp.asarray(stored["run/shuffle_key"])}
     return params, velocity, run
@@ -674,7 +721,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
         train_loss = float(local(losses).mean())
         seconds = time.perf_counter() - start
         train_seconds += seconds
-        check_not_diverged(train_loss, epoch + 1, args.lr)
+        check_not_diverged(train_loss, epoch + 1, args.lr, network.num_classes)
         accuracy = accuracy_of(local(predict(params, eval_padded)), eval_labels)
         epochs.append({"epoch": epoch + 1, "train_loss": train_loss, f"{eval_name}_accuracy": accuracy,
                        "seconds": seconds})
@@ -713,7 +760,7 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def check_not_diverged(train_loss, epoch, lr, num_classes=NUM_CLASSES):
+def check_not_diverged(train_loss, epoch, lr, num_classes):
     """Raises UsageError (one line, naming the epoch) if an epoch's mean loss is not finite or is
     clearly worse than a blind guess's ln K."""
     blind_guess = math.log(num_classes)
@@ -728,27 +775,47 @@ def accuracy_of(predictions, labels):
     return float(np.mean(np.asarray(predictions)[:len(labels)] == labels))
 
 
-def load_drawing(path):
-    """A PNG of a digit -> ((28, 28) uint8 prepared the way MNIST's digits were, warning or None).
+# MNIST's digits fill a 20 x 20 box in their 28 x 28 field; --predict scales drawings the same way,
+# to this fraction of the field of the images the network was trained on.
+DIGIT_BOX = 20 / 28
 
-    Transparency is composited onto a background of the colour opposite the ink (a canvas's black
-    ink on transparent pixels becomes black on white). Light ink on dark is what MNIST holds, so a
-    dark-on-light image is inverted. Then, as NIST's digits were made into MNIST's: the digit is cut
-    to its bounding box, scaled (keeping its aspect) so its longer side is 20 pixels, and placed in a
-    28x28 field with its centre of mass at the centre. The warning is a line to print for an image
-    with no ink.
+
+def load_drawing(path, input_shape=MNIST_INPUT_SHAPE):
+    """An image file -> (the image prepared as the network's training images were, warning or None)
+    for a network of input_shape (C, H, W).
+
+    Grey networks (C = 1), the way NIST's digits were made into MNIST's: transparency is composited
+    onto a background of the colour opposite the ink (a canvas's black ink on transparent pixels
+    becomes black on white); light ink on dark is what MNIST holds, so a dark-on-light image is
+    inverted; the digit is cut to its bounding box, scaled (keeping its aspect) to fit DIGIT_BOX of
+    the H x W field, and placed with its centre of mass at the field's centre. Returns (H, W) uint8.
+    Colour networks (C = 3): the whole picture, transparency composited onto white, resampled to
+    H x W. Returns (H, W, 3) uint8.
+    The warning is a line to print for an image with nothing in it.
     """
     from PIL import Image  # Pillow, which matplotlib reads its images with too
 
+    C, H, W = input_shape
+    if C not in (1, 3):
+        raise UsageError(f"--predict {path}: this network was trained on {C}-channel images; --predict "
+                         "prepares grey (1 channel) or colour (3 channel) pictures only")
     try:
         with Image.open(path) as image:
             has_alpha = "A" in image.getbands() or "transparency" in image.info
-            pixels = np.asarray(image.convert("LA" if has_alpha else "L"), np.float32) / 255
+            bands = ("L" if C == 1 else "RGB") + ("A" if has_alpha else "")
+            pixels = np.asarray(image.convert(bands), np.float32) / 255
     except Exception as error:  # Pillow raises many types for files that are not images
         raise UsageError(f"--predict {path}: not a readable image ({type(error).__name__})") from None
-    grey, alpha = (pixels[..., 0], pixels[..., 1]) if has_alpha else (pixels, np.ones_like(pixels))
+    pixels = pixels.reshape(pixels.shape[:2] + (len(bands),))
+    colour, alpha = (pixels[..., :C], pixels[..., C]) if has_alpha else (pixels, np.ones(pixels.shape[:2], np.float32))
+    blank = np.zeros((H, W) if C == 1 else (H, W, C), np.uint8)
     if alpha.sum() == 0:
-        return np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8), f"warning: {path} is fully transparent"
+        return blank, f"warning: {path} is fully transparent"
+    if C == 3:
+        picture = alpha[..., None] * colour + (1 - alpha[..., None])
+        picture = np.einsum("Hh,hwc,Ww->HWc", resampling(picture.shape[0], H), picture, resampling(picture.shape[1], W))
+        return np.round(np.clip(picture, 0, 1) * 255).astype(np.uint8), None
+    grey = colour[..., 0]
     ink_colour = float((grey * alpha).sum() / alpha.sum())
     background = 1.0 if ink_colour < 0.5 else 0.0
     grey = alpha * grey + (1 - alpha) * background
@@ -757,18 +824,18 @@ def load_drawing(path):
         grey, border = 1.0 - grey, 1.0 - border
     ink = np.clip(grey - np.median(border), 0, None)
     if ink.max() < 0.1:
-        return np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8), f"warning: {path} looks blank (no ink found)"
+        return blank, f"warning: {path} looks blank (no ink found)"
     ink = ink / ink.max()
     rows, columns = np.flatnonzero((ink > 0.1).any(axis=1)), np.flatnonzero((ink > 0.1).any(axis=0))
     ink = ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
-    scale = 20 / max(ink.shape)
+    scale = min(round(DIGIT_BOX * H) / ink.shape[0], round(DIGIT_BOX * W) / ink.shape[1])
     height, width = (max(1, round(side * scale)) for side in ink.shape)
     digit = np.clip(resampling(ink.shape[0], height) @ ink @ resampling(ink.shape[1], width).T, 0, 1)
     centre_row, centre_column = (float((digit.sum(axis=1 - axis) * np.arange(digit.shape[axis])).sum() / digit.sum())
                                  for axis in (0, 1))
-    top = int(np.clip(round(IMAGE_SIZE / 2 - 0.5 - centre_row), 0, IMAGE_SIZE - height))
-    left = int(np.clip(round(IMAGE_SIZE / 2 - 0.5 - centre_column), 0, IMAGE_SIZE - width))
-    field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    top = int(np.clip(round(H / 2 - 0.5 - centre_row), 0, H - height))
+    left = int(np.clip(round(W / 2 - 0.5 - centre_column), 0, W - width))
+    field = np.zeros((H, W), np.float32)
     field[top:top + height, left:left + width] = digit
     return np.round(field * 255).astype(np.uint8), None
 
@@ -790,17 +857,18 @@ UNSURE_BELOW = 0.5
 
 
 def classify_drawings(network, params, drawings, log=print):
-    """Prints the digit and the ten probabilities for each of drawings, (path, digit, warning) as
-    load_drawing prepared them, with a warning line for a blank image or an unsure answer."""
-    batch = to_input(jnp.asarray(np.stack([digit for _, digit, _ in drawings])))
+    """Prints the class (for MNIST, the digit) and the K probabilities for each of drawings, (path,
+    image, warning) as load_drawing prepared them, with a warning line for a blank image or an
+    unsure answer."""
+    batch = to_input(jnp.asarray(np.stack([image for _, image, _ in drawings])))
     probabilities = np.asarray(jax.jit(network.probabilities)(params, batch))
     for (path, _, warning), row in zip(drawings, probabilities):
         if warning:
             log(warning)
         elif row.max() < UNSURE_BELOW:
-            log(f"warning: {path}: unsure, the most likely digit has probability {row.max():.2f} only")
-        log(f"{path}: digit {int(row.argmax())}; probabilities "
-            + " ".join(f"{digit}:{p:.4f}" for digit, p in enumerate(row)))
+            log(f"warning: {path}: unsure, the most likely class has probability {row.max():.2f} only")
+        log(f"{path}: class {int(row.argmax())}; probabilities "
+            + " ".join(f"{label}:{p:.4f}" for label, p in enumerate(row)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,7 +879,42 @@ OUTPUT_FILES = ("metrics.json", "loss_curve.png", "learned_filters.png", "confus
                 "misclassified.png")
 
 
-def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions):
+def filters_figure(kernels):
+    """The first convolution's filters F (D, C, K, K) as a figure: one column per filter, one row
+    per input channel, on one colour scale (red > 0 > blue), with each weight written in its cell
+    for a grey first layer. For colour images (C = 3), a first row shows each filter as the colour
+    patch it responds to most (its weights mapped from [-max, max] to [0, 1] in each channel)."""
+    from matplotlib.figure import Figure
+
+    D, C, K, _ = kernels.shape
+    names = ["red", "green", "blue"] if C == 3 else [f"channel {c}" for c in range(C)]
+    rows = C + (C == 3)
+    figure = Figure(figsize=(2.2 * D, 0.6 + 2.0 * rows))
+    axes = figure.subplots(rows, D, squeeze=False)
+    figure.subplots_adjust(left=0.06 if C > 1 else 0.02, right=0.98, bottom=0.03, top=1 - 0.6 / (0.6 + 2.0 * rows),
+                           wspace=0.1, hspace=0.1)
+    limit = np.abs(kernels).max()
+    for index in range(D):
+        if C == 3:
+            axes[0, index].imshow((kernels[index].transpose(1, 2, 0) / limit + 1) / 2)
+        for channel in range(C):
+            axis = axes[rows - C + channel, index]
+            axis.imshow(kernels[index, channel], cmap="RdBu_r", vmin=-limit, vmax=limit)
+            if C == 1:
+                for (row, column), value in np.ndenumerate(kernels[index, channel]):
+                    axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
+        axes[0, index].set_title(f"filter {index}")
+    for row in range(rows):
+        if C > 1:
+            axes[row, 0].set_ylabel("as colour" if row < rows - C else names[row - (rows - C)])
+        for axis in axes[row]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.suptitle(f"learned {K}x{K} kernels of the first convolution (red > 0 > blue)")
+    return figure
+
+
+def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions, num_classes):
     """metrics.json, loss_curve.png (if anything was trained), learned_filters.png,
     confusion_matrix.png and misclassified.png in out_dir; removes any other of OUTPUT_FILES left
     there by an earlier run, since it would describe another run.
@@ -850,52 +953,45 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
             axis.set_xticks(epochs if len(epochs) <= 20 else epochs[::len(epochs) // 10])
         save_figure(figure, "loss_curve.png")
 
-    kernels = np.asarray(kernels)[:, 0]  # (D, K, K): the first layer reads one channel
-    figure = Figure(figsize=(2.2 * len(kernels), 2.6))
-    axes = np.atleast_1d(figure.subplots(1, len(kernels)))
-    figure.subplots_adjust(left=0.02, right=0.98, bottom=0.03, top=0.78, wspace=0.1)
-    limit = np.abs(kernels).max()
-    for index, (axis, kernel) in enumerate(zip(axes, kernels)):
-        axis.imshow(kernel, cmap="RdBu_r", vmin=-limit, vmax=limit)
-        for (row, column), value in np.ndenumerate(kernel):
-            axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8)
-        axis.set_title(f"filter {index}")
-        axis.set_xticks([])
-        axis.set_yticks([])
-    K = kernels.shape[-1]
-    figure.suptitle(f"learned {K}x{K} kernels of the convolution (red > 0 > blue)")
-    save_figure(figure, "learned_filters.png")
+    save_figure(filters_figure(np.asarray(kernels)), "learned_filters.png")
 
-    classes = NUM_CLASSES
+    classes = num_classes
     confusion = np.zeros((classes, classes), np.int64)
     np.add.at(confusion, (np.asarray(test_labels, np.int64), predictions), 1)
     figure = Figure(figsize=(6.5, 5.5))
     axis = figure.subplots()
     figure.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)
     image = axis.imshow(np.log1p(confusion), cmap="Blues")
-    for (row, column), count in np.ndenumerate(confusion):
-        axis.text(column, row, str(count), ha="center", va="center", fontsize=7,
-                  color="white" if image.norm(np.log1p(count)) > 0.6 else "black")
-    axis.set(xlabel="predicted class", ylabel="true class", xticks=range(classes), yticks=range(classes),
-             title=f"confusion matrix, {len(test_labels)} test images")
+    if classes <= 20:  # beyond that, the counts would not fit their cells; the colours still show them
+        for (row, column), count in np.ndenumerate(confusion):
+            axis.text(column, row, str(count), ha="center", va="center", fontsize=7,
+                      color="white" if image.norm(np.log1p(count)) > 0.6 else "black")
+        axis.set(xticks=range(classes), yticks=range(classes))
+    axis.set(xlabel="predicted class", ylabel="true class", title=f"confusion matrix, {len(test_labels)} test images")
     save_figure(figure, "confusion_matrix.png")
 
-    # The misclassified digits as one mosaic in one axes, each tile labelled: far cheaper to draw than
-    # an axes per digit.
+    # The misclassified images as one mosaic in one axes, each tile labelled: far cheaper to draw than
+    # an axes per image. Colour images are shown in colour, on white; grey ones as MNIST's digits are
+    # usually shown, dark ink on white.
     wrong = np.flatnonzero(predictions != test_labels)[:48]
+    colour = test_images.ndim == 4 and test_images.shape[3] == 3
+    tiles = test_images if colour or test_images.ndim == 3 else test_images[..., 0]  # other channel counts: the first
     columns = 8
     rows = max(1, math.ceil(len(wrong) / columns))
-    size, gap, label = test_images.shape[1], 2, 9  # pixels: a digit, between digits, above each for its label
-    mosaic = np.full((rows * (size + gap + label), columns * (size + gap)), np.nan)
+    (height, width), gap, label = tiles.shape[1:3], 2, 9  # pixels: an image, between images, above each for its label
+    mosaic = np.full((rows * (height + gap + label), columns * (width + gap)) + tiles.shape[3:], np.nan)
     figure = Figure(figsize=(1.4 * columns, 1.6 * rows + 0.4))
     axis = figure.subplots()
     figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.4 / (1.6 * rows + 0.4))
     for tile, index in enumerate(wrong):
-        top, left = (tile // columns) * (size + gap + label) + label, (tile % columns) * (size + gap)
-        mosaic[top:top + size, left:left + size] = test_images[index]
-        axis.text(left + size / 2, top - 1.5, f"true {test_labels[index]}, said {predictions[index]}",
+        top, left = (tile // columns) * (height + gap + label) + label, (tile % columns) * (width + gap)
+        mosaic[top:top + height, left:left + width] = tiles[index]
+        axis.text(left + width / 2, top - 1.5, f"true {test_labels[index]}, said {predictions[index]}",
                   ha="center", va="bottom", fontsize=8)
-    axis.imshow(np.ma.masked_invalid(mosaic), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    if colour:
+        axis.imshow(np.nan_to_num(mosaic, nan=255) / 255, interpolation="nearest")
+    else:
+        axis.imshow(np.ma.masked_invalid(mosaic), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     axis.axis("off")
     figure.suptitle(f"first {len(wrong)} of {int((predictions != test_labels).sum())} misclassified test images")
     save_figure(figure, "misclassified.png")
@@ -988,32 +1084,50 @@ def make_mesh(args):
 
 
 def fit_train_size(args, available_train_images):
-    """With --val-size and no --train-size, trains on every image not held out (up to the preset's
-    number), rather than refusing the preset's number as too many."""
-    if args.val_size and "train_size" not in args.explicit:
+    """Without --train-size, trains on the preset's number of images or on every image not held out
+    by --val-size, whichever is fewer (a smaller dataset than MNIST is used whole), rather than
+    refusing the preset's number as too many."""
+    if "train_size" not in args.explicit:
         args.train_size = min(args.train_size, available_train_images - args.val_size)
 
 
-def main(argv=None):
-    """The command line's run; returns the exit status (130 when the user interrupted training)."""
+def network_for_data(kind, data_dir, train_images, train_labels):
+    """The network `kind` built for the dataset's image shape and number of classes; refuses
+    (UsageError, one line) images too small for it."""
+    C = train_images.shape[3] if train_images.ndim == 4 else 1
+    input_shape = (C,) + train_images.shape[1:3]
+    try:
+        return build_network(kind, input_shape, number_of_classes(train_labels))
+    except ValueError as error:
+        raise UsageError(f"{dataset_file(data_dir, 'train_images')}: its {describe_images(train_images)} images "
+                         f"are too small for the {kind!r} network ({error}); use larger images or a "
+                         "--preset whose network fits them") from None
+
+
+def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even into a pipe
+    """The command line's run; returns the exit status (130 when the user interrupted training).
+    log(line) prints what the run reports."""
     args = parse_args(argv)
     check_args(args)
     if args.coordinator:
         join_processes(args)
     stored_run = resume_flags(args) if args.resume else None
     network_kind = PRESET_NETWORK[args.preset]
-    network = build_network(network_kind)
     # With several processes, process 0 alone prints and writes files; the others train in silence.
     writes = jax.process_index() == 0
-    log = functools.partial(print, flush=True) if writes else lambda line: None  # flushed: even into a pipe
-    # The shapes and dtypes of the parameters, for reading a checkpoint: no random draw needed.
-    template = jax.eval_shape(network.init, jax.ShapeDtypeStruct((2,), jnp.uint32))
-    # Read now: an unreadable image is refused before any training, not after it.
-    drawings = [(path,) + load_drawing(path) for path in args.predict or ()]
+    if not writes:
+        log = lambda line: None  # noqa: E731
+    stored_params = read_checkpoint("--load", args.load) if args.load else None
     if args.load and args.predict:
-        classify_drawings(network, load_checkpoint(args.load, template, network_kind), drawings, log)
+        # The checkpoint says what images and classes the network was trained for: no data is read.
+        network = build_network(network_kind, *trained_for(stored_params))
+        drawings = [(path,) + load_drawing(path, network.input_shape) for path in args.predict]
+        classify_drawings(network, load_checkpoint(args.load, network, stored=stored_params), drawings, log)
         return 0
-    train_images, train_labels, test_images, test_labels = load_mnist(args.data_dir)
+    train_images, train_labels, test_images, test_labels = load_idx(args.data_dir)
+    network = network_for_data(network_kind, args.data_dir, train_images, train_labels)
+    # Read now: an unreadable image is refused before any training, not after it.
+    drawings = [(path,) + load_drawing(path, network.input_shape) for path in args.predict or ()]
     fit_train_size(args, len(train_images))
     check_args(args, available_train_images=len(train_images))
     mesh = make_mesh(args)
@@ -1023,7 +1137,8 @@ def main(argv=None):
         device += f", {mesh.size} devices in {args.num_processes} process{'es' if args.num_processes > 1 else ''}"
     held_out = f", the last {args.val_size} held out for validation" if args.val_size else ""
     log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
-        f"{args.train_size} training images{held_out}, batch {args.batch_size}, lr {args.lr}, "
+        f"{args.train_size} training images ({describe_data(network.input_shape, network.num_classes)}){held_out}, "
+        f"batch {args.batch_size}, lr {args.lr}, "
         f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
     if args.val_size:
         eval_name, eval_images, eval_labels = "val", train_images[-args.val_size:], train_labels[-args.val_size:]
@@ -1032,9 +1147,9 @@ def main(argv=None):
 
     resume = None
     if args.load:
-        params = load_checkpoint(args.load, template, network_kind)
+        params = load_checkpoint(args.load, network, stored=stored_params)
     elif args.resume:
-        params, velocity, run = load_run(stored_run, args.resume, template, network_kind)
+        params, velocity, run = load_run(stored_run, args.resume, network)
         resume = {"velocity": velocity, "shuffle_key": run["shuffle_key"], "epochs": run["epochs"]}
         if len(run["epochs"]) >= args.epochs:
             raise UsageError(f"--resume {args.resume}: the run has done all its {args.epochs} epochs already; "
@@ -1047,7 +1162,7 @@ def main(argv=None):
 
     def checkpoint(params, velocity, shuffle_key, epochs):
         if writes:
-            save_checkpoint(save_path, params, network_kind, velocity,
+            save_checkpoint(save_path, params, network, velocity,
                             {"config": config, "shuffle_key": shuffle_key, "epochs": epochs})
 
     with StopOnInterrupt() as interrupted:
@@ -1080,10 +1195,11 @@ def main(argv=None):
             "processes": args.num_processes,
         }
         if writes:
-            write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions)
+            write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions,
+                          network.num_classes)
             log(f"wrote metrics.json and pictures to {args.out_dir}/")
             if args.save and (args.eval_only or not epochs):
-                save_checkpoint(args.save, params, network_kind)
+                save_checkpoint(args.save, params, network)
             if save_path:
                 log(f"saved parameters to {save_path}")
         if args.predict and writes:

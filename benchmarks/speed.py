@@ -35,7 +35,7 @@ from jax import lax  # noqa: E402
 
 import model  # noqa: E402
 from DenseLayer import ReLU  # noqa: E402
-from data import load_mnist  # noqa: E402
+from data import load_idx  # noqa: E402
 
 
 def peer_loss(params, images, labels):
@@ -190,7 +190,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     repeats, min_seconds = (1, 0.0) if args.quick else (7, 0.2)
 
-    mnist = load_mnist(os.path.join(ROOT, "data"))
+    mnist = load_idx(os.path.join(ROOT, "data"))
     images, labels = jnp.asarray(mnist[0][:8192]), jnp.asarray(mnist[1][:8192], jnp.int32)
     network = model.build_network("modern")
     params = network.init(jax.random.PRNGKey(0))

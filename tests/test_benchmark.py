@@ -13,7 +13,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import speed  # noqa: E402
 import model  # noqa: E402
-from data import load_mnist  # noqa: E402
+from data import load_idx  # noqa: E402
 
 
 def test_quick_benchmark_runs_and_writes_results(tmp_path, capsys):
@@ -39,7 +39,7 @@ def test_our_step_and_the_jax_grad_step_agree(peer):
     params = network.init(jax.random.PRNGKey(1))
     # Real digits: their blank background with zero biases puts pre-activations exactly at 0, where
     # the peers must take ReLU's derivative as the layers do.
-    train_images, train_labels, _, _ = load_mnist(os.path.join(ROOT, "data"))
+    train_images, train_labels, _, _ = load_idx(os.path.join(ROOT, "data"))
     images, labels = jnp.asarray(train_images[:16]), jnp.asarray(train_labels[:16], jnp.int32)
     loss_error, param_error = speed.same_step(network, params, images, labels, peer)
     assert loss_error < 1e-6 and param_error < 1e-6, (loss_error, param_error)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from data import FILES, DataError, load_mnist
+from data import FILES, DataError, load_idx
 
 SHIPPED = os.path.join(ROOT, "data")
 
@@ -24,11 +24,12 @@ def idx_bytes(array, magic):
 def write_dataset(folder, compress=True, checksums=False, n_train=5, n_test=3, seed=0):
     """Writes four small valid IDX files (28x28 images) into folder; returns the arrays written."""
     rng = np.random.default_rng(seed)
+    train_labels = rng.integers(0, 10, n_train)
     arrays = {
         "train_images": rng.integers(0, 256, (n_train, 28, 28)),
-        "train_labels": rng.integers(0, 10, n_train),
+        "train_labels": train_labels,
         "test_images": rng.integers(0, 256, (n_test, 28, 28)),
-        "test_labels": rng.integers(0, 10, n_test),
+        "test_labels": rng.integers(0, train_labels.max() + 1, n_test),  # within the training labels' range
     }
     os.makedirs(folder, exist_ok=True)
     sums = []
@@ -57,7 +58,7 @@ def write_file(folder, name, raw, compress=True):
 def test_gzip_and_raw_give_identical_arrays(tmp_path):
     written = write_dataset(tmp_path / "gz", compress=True)
     write_dataset(tmp_path / "raw", compress=False)
-    from_gz, from_raw = load_mnist(str(tmp_path / "gz")), load_mnist(str(tmp_path / "raw"))
+    from_gz, from_raw = load_idx(str(tmp_path / "gz")), load_idx(str(tmp_path / "raw"))
     for key, a, b in zip(FILES, from_gz, from_raw):
         assert a.dtype == np.uint8 and b.dtype == np.uint8
         np.testing.assert_array_equal(a, b)
@@ -66,12 +67,12 @@ def test_gzip_and_raw_give_identical_arrays(tmp_path):
 
 def test_checksums_are_verified_when_present(tmp_path):
     write_dataset(tmp_path, checksums=True)
-    assert len(load_mnist(str(tmp_path))[0]) == 5
+    assert len(load_idx(str(tmp_path))[0]) == 5
 
 
 def expect_error(folder, *fragments):
     with pytest.raises(DataError) as raised:
-        load_mnist(str(folder))
+        load_idx(str(folder))
     message = str(raised.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -171,7 +172,7 @@ def test_malformed_checksum_file(tmp_path):
 def test_shipped_data_passes_its_checksums_and_is_mnist():
     with open(os.path.join(SHIPPED, "SHA256SUMS")) as f:
         assert len(f.read().split()) == 8, "SHA256SUMS must list all four files"
-    train_images, train_labels, test_images, test_labels = load_mnist(SHIPPED)
+    train_images, train_labels, test_images, test_labels = load_idx(SHIPPED)
     assert train_images.shape == (60000, 28, 28) and test_images.shape == (10000, 28, 28)
     assert train_images.dtype == np.uint8 and train_labels.shape == (60000,) and test_labels.shape == (10000,)
     assert list(train_labels[:10]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]

@@ -14,7 +14,7 @@ from PIL import Image
 
 import model
 from conftest import ROOT
-from data import load_mnist
+from data import load_idx
 from test_model import CLI_ENVIRONMENT, run_cli
 
 SMALL_RUN = ("--train-size", "3000", "--epochs", "4", "--batch-size", "50")
@@ -22,7 +22,7 @@ SMALL_RUN = ("--train-size", "3000", "--epochs", "4", "--batch-size", "50")
 
 @pytest.fixture(scope="module")
 def mnist():
-    return load_mnist(os.path.join(ROOT, "data"))
+    return load_idx(os.path.join(ROOT, "data"))
 
 
 def checkpoint_arrays(path):
@@ -77,7 +77,7 @@ def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
     network = model.build_network("modern")
     params = network.init(model.run_keys(0)[0])
     config = {name: getattr(args, name) for name in model.RUN_FLAGS}
-    model.save_checkpoint(str(tmp_path / "run.npz"), params, "modern", params,
+    model.save_checkpoint(str(tmp_path / "run.npz"), params, network, params,
                           {"config": config, "shuffle_key": model.run_keys(0)[1], "epochs": []})
     # In this process: how the command line prints a UsageError, in one line, is checked in test_model.py.
     with pytest.raises(model.UsageError) as raised:
@@ -85,7 +85,7 @@ def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
     assert str(raised.value) == (f"--resume {tmp_path / 'run.npz'}: --lr 0.5 would change the run, which has "
                                  "0.1; drop --lr, or start a new run")
     # Parameters alone are not a run.
-    model.save_checkpoint(str(tmp_path / "params.npz"), params, "modern")
+    model.save_checkpoint(str(tmp_path / "params.npz"), params, network)
     with pytest.raises(model.UsageError, match="not a run to resume; start from it with --load"):
         model.main(["--resume", str(tmp_path / "params.npz")])
 
@@ -95,7 +95,7 @@ def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
         model.write_atomically(str(tmp_path / "metrics.json"), lambda tmp: open(tmp, "w").write("{}"))
-        model.save_checkpoint(str(tmp_path / "net.npz"), [{"weights": np.zeros(2)}], "modern")
+        model.save_checkpoint(str(tmp_path / "net.npz"), [{"weights": np.zeros(2)}], model.build_network("modern"))
     finally:
         os.umask(previous)
     for name in ("metrics.json", "net.npz"):
@@ -104,7 +104,7 @@ def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
 
 def test_eval_only_removes_the_pictures_of_an_earlier_run(tmp_path):
     network = model.build_network("modern")
-    model.save_checkpoint(str(tmp_path / "net.npz"), network.init(model.run_keys(0)[0]), "modern")
+    model.save_checkpoint(str(tmp_path / "net.npz"), network.init(model.run_keys(0)[0]), network)
     out = tmp_path / "out"
     out.mkdir()
     (out / "loss_curve.png").write_bytes(b"an earlier run's curve")
@@ -146,7 +146,7 @@ def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):
     network = model.build_network("modern")
     params, _, _, _ = model.train(network, network.init(model.run_keys(0)[0]), args, train_images, train_labels,
                                   test_images[:1000], test_labels[:1000], log=lambda line: None)
-    model.save_checkpoint(str(tmp_path / "net.npz"), params, "modern")
+    model.save_checkpoint(str(tmp_path / "net.npz"), params, network)
     probabilities = np.asarray(network.probabilities(params, model.to_input(test_images[:200])))
     confident = [index for index in range(200) if probabilities[index].max() > 0.99
                  and probabilities[index].argmax() == test_labels[index]]
@@ -162,8 +162,8 @@ def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):
     result = run_cli("--load", str(tmp_path / "net.npz"), "--predict", *paths, str(tmp_path / "blank.png"),
                      "--data-dir", str(tmp_path / "no data here"), "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    answers = {line.split(": digit ")[0]: int(line.split(": digit ")[1][0])
-               for line in result.stdout.splitlines() if ": digit " in line}
+    answers = {line.split(": class ")[0]: int(line.split(": class ")[1][0])
+               for line in result.stdout.splitlines() if ": class " in line}
     wrong = [(os.path.basename(path), STYLES[number % 4], answers[path], want)
              for number, (path, want) in enumerate(zip(paths, expected)) if answers[path] != want]
     assert not wrong, wrong
@@ -198,9 +198,8 @@ def test_val_size_holds_the_last_images_out_of_training(monkeypatch, tmp_path, m
 
     monkeypatch.setattr(model, "train", spy)
     lines = []
-    monkeypatch.setattr("builtins.print", lambda *text, **options: lines.append(" ".join(map(str, text))))
     status = model.main(["--val-size", "1000", "--epochs", "1", "--batch-size", "500",
-                         "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "out")])
+                         "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "out")], log=lines.append)
     assert status == 0
     train_images = mnist[0]
     assert len(seen["train"]) == 59000 and np.array_equal(seen["train"], train_images[:59000])
