@@ -1,7 +1,8 @@
 """How fast are the hand-written gradients? Side by side with the same network trained through jax.grad.
 
     python benchmarks/speed.py            # the full table; writes benchmarks/results.json
-    python benchmarks/speed.py --quick    # a few steps of everything (one batch size), to check that it runs
+    python benchmarks/speed.py --quick    # a few steps of everything (one batch size), to check that it runs;
+                                          # the sides' agreement is left to tests/test_benchmark.py
 
 All three sides run the default network (5 filters 3x3, per-filter biases, 2x2 max-pool,
 845 -> 64 -> 10, fused softmax-cross-entropy) with plain SGD on the same MNIST images, parameters in
@@ -14,6 +15,8 @@ exactly as model.py trains. They differ in where the gradient comes from, and in
                             (lax.conv_general_dilated, lax.reduce_window, jax.nn.log_softmax).
 Against the first peer the ratio measures the hand-written gradients alone; against the second, the
 hand-written gradients and the batch-last layout together.
+LeNet-5 (--preset lenet's network, 61,706 parameters) is timed likewise against one peer, written as
+JAX users write it: images NHWC, filters HWIO, XLA's convolution, reduce_window, jax.grad.
 Samples per second exclude compilation and warm-up: the median of 7 repeats, each at least 0.2 s
 long. This file is, with tests/, the only place where autodiff may appear: here as the peers.
 """
@@ -53,6 +56,31 @@ def peer_loss(params, images, labels):
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
 
 
+def lenet_peer_loss(params, images, labels):
+    """LeNet-5's mean loss written the way a JAX user would (NHWC, HWIO), for jax.grad. The filters
+    are stored (D, C, K, K) and the flattened features in (C, H, W) order, as the layers keep them,
+    so that both sides train the very same parameters."""
+    conv1, _, _, conv2, _, _, _, dense1, _, dense2, _, dense3 = params
+
+    def conv_relu_pool(x, layer, padding):
+        filters = jnp.transpose(layer["weights"], (2, 3, 1, 0))  # (D, C, K, K) -> (K, K, C, D), HWIO
+        y = lax.conv_general_dilated(x, filters, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.nn.relu(y + layer["biases"])
+        return lax.reduce_window(y, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+    x = images[..., None].astype(jnp.float32) / 255
+    y = conv_relu_pool(conv_relu_pool(x, conv1, ((2, 2), (2, 2))), conv2, "VALID")
+    y = jnp.transpose(y, (0, 3, 1, 2)).reshape(y.shape[0], -1)
+    y = jax.nn.relu(y @ dense1["weights"] + dense1["biases"])
+    y = jax.nn.relu(y @ dense2["weights"] + dense2["biases"])
+    log_p = jax.nn.log_softmax(y @ dense3["weights"] + dense3["biases"])
+    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], axis=1))
+
+
+def lenet_peer_loss_and_grads(network):
+    return jax.value_and_grad(lenet_peer_loss)
+
+
 def ours_loss_and_grads(network):
     return lambda params, images, labels: network.loss_and_grads(params, model.to_input(images), labels)
 
@@ -87,6 +115,8 @@ SIDES = [("ours", "ours", ours_loss_and_grads),
          ("jax_grad_same_layout", "jax.grad, same layout", same_layout_loss_and_grads),
          ("jax_grad_batch_first", "jax.grad, batch first", batch_first_loss_and_grads)]
 PEERS = SIDES[1:]
+LENET_SIDES = [("ours", "ours", ours_loss_and_grads),
+               ("jax_grad_nhwc", "jax.grad, NHWC", lenet_peer_loss_and_grads)]
 
 
 def make_run(loss_and_grads, lr=0.01):
@@ -115,7 +145,7 @@ def batches(images, labels, batch_size, steps):
 
 def measure(run, params, images, labels, batch_size, repeats, min_seconds, quick):
     """(compile seconds, median samples/s, steps per repeat) of `run` at this batch size."""
-    steps = 4 if quick else 20
+    steps = 2 if quick else 20
     data = batches(images, labels, batch_size, steps)
     start = time.perf_counter()
     compiled = run.lower(params, *data).compile()
@@ -195,10 +225,24 @@ def main(argv=None):
     network = model.build_network("modern")
     params = network.init(jax.random.PRNGKey(0))
 
+    lenet = model.build_network("lenet")
+    lenet_params = lenet.init(jax.random.PRNGKey(0))
     agreement = {}
-    for key, _, make in PEERS:
-        loss_error, param_error = same_step(network, params, images, labels, make)
-        agreement[key] = {"loss_relative_difference": loss_error, "params_relative_difference": param_error}
+    if not args.quick:
+        for key, net, net_params, make in [(key, network, params, make) for key, _, make in PEERS] + [
+                ("lenet_jax_grad_nhwc", lenet, lenet_params, lenet_peer_loss_and_grads)]:
+            loss_error, param_error = same_step(net, net_params, images, labels, make)
+            agreement[key] = {"loss_relative_difference": loss_error, "params_relative_difference": param_error}
+    lenet_batch = 32 if args.quick else 128
+    lenet_row = {"batch_size": lenet_batch}
+    for key, _, make in LENET_SIDES:
+        compile_seconds, rate, steps = measure(make_run(make(lenet)), lenet_params, images, labels, lenet_batch,
+                                               repeats, min_seconds, args.quick)
+        lenet_row[key] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps,
+                          "milliseconds_per_step": 1000 * lenet_batch / rate}
+    lenet_row["time_ratio_ours_over_jax_grad_nhwc"] = (lenet_row["jax_grad_nhwc"]["samples_per_second"]
+                                                       / lenet_row["ours"]["samples_per_second"])
+
     rows = []
     for batch_size in (32,) if args.quick else (1, 32, 128):
         row = {"batch_size": batch_size}
@@ -216,6 +260,7 @@ def main(argv=None):
                     "device": model.describe_device()},
         "same_step": agreement,
         "training_step": rows,
+        "lenet_training_step": lenet_row,
         "whole_runs": whole_runs(mnist, args.quick),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -225,9 +270,10 @@ def main(argv=None):
     machine = results["machine"]
     print(f"{machine['cpu']}, {machine['cores']} cores, JAX {machine['jax_version']} on {machine['device']}"
           + ("  [--quick: not a measurement]" if args.quick else ""))
-    for key, heading, _ in PEERS:
-        print(f"one step, ours vs {heading}: loss differs by {agreement[key]['loss_relative_difference']:.1e}, "
-              f"parameters by {agreement[key]['params_relative_difference']:.1e} (relative)")
+    for key, heading in [(key, heading) for key, heading, _ in PEERS] + [("lenet_jax_grad_nhwc", "LeNet-5 jax.grad, NHWC")]:
+        if key in agreement:
+            print(f"one step, ours vs {heading}: loss differs by {agreement[key]['loss_relative_difference']:.1e}, "
+                  f"parameters by {agreement[key]['params_relative_difference']:.1e} (relative)")
     print("samples per second (compile seconds), and the time ours takes over each peer's")
     print(f"{'batch':>5} | " + " | ".join(f"{heading:>21}" for _, heading, _ in SIDES) + " | "
           + " | ".join(f"ours/{heading[10:]:>11}" for _, heading, _ in PEERS))
@@ -236,6 +282,9 @@ def main(argv=None):
               + " | ".join(f"{row[key]['samples_per_second']:>11,.0f} ({row[key]['compile_seconds']:.2f} s)"
                            for key, _, _ in SIDES) + " | "
               + " | ".join(f"{row['time_ratio_ours_over_' + key]:>16.2f}" for key, _, _ in PEERS))
+    print(f"LeNet-5 at batch {lenet_batch}: "
+          + ", ".join(f"{heading} {lenet_row[key]['milliseconds_per_step']:.1f} ms per step" for key, heading, _ in LENET_SIDES)
+          + f"; ours/NHWC {lenet_row['time_ratio_ours_over_jax_grad_nhwc']:.2f}")
     runs = results["whole_runs"]
     print(f"--preset seed: {runs['seed_preset_train_seconds']:.2f} s of training, compile included "
           f"(median {runs['seed_preset_epoch_seconds']:.3f} s per {runs['seed_preset_epoch_images']:,}-image epoch)")

@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 import jax
+import pytest
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -33,3 +34,20 @@ for name, value in COMPILATION_CACHE.items():
     jax.config.update(name.lower(), value if name.endswith("DIR") else float(value) if "SECS" in name else int(value))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def small_mnist(tmp_path_factory):
+    """The first 2,000 training and 500 test images of the shipped MNIST as a dataset folder of
+    their own, for runs in fresh interpreters that need no more: less to read and to evaluate."""
+    import struct
+
+    from data import FILES, load_idx
+
+    folder = tmp_path_factory.mktemp("small-mnist")
+    arrays = load_idx(os.path.join(ROOT, "data"))
+    for (key, name), array, count in zip(FILES.items(), arrays, (2000, 2000, 500, 500)):
+        array = array[:count]
+        magic = 2051 if key.endswith("images") else 2049
+        (folder / name).write_bytes(struct.pack(f">i{array.ndim}I", magic, *array.shape) + array.tobytes())
+    return str(folder)

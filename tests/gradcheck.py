@@ -15,11 +15,18 @@ def relative_error(a, b):
     return 0.0 if scale == 0 else float(np.max(np.abs(a - b)) / scale)
 
 
+def quick_jit(function, *args):
+    """function(*args), compiled as one function (one compilation, not one per primitive) by XLA
+    with less optimisation: on the tests' small shapes, compiling, not computing, is what takes time,
+    and the level changes nothing but the machine code's speed (and rounding, far below the tests'
+    tolerances)."""
+    return jax.jit(function).lower(*args).compile({"xla_backend_optimization_level": 0})(*args)
+
+
 def layer_errors_vs_vjp(layer, params, x, d_y):
     """Runs layer.backward and jax.vjp of layer.forward with the same upstream d_y.
     Returns {"d_x": error, "d_<param>": error, ...}, one relative error per array."""
 
-    @jax.jit  # one compilation per shape instead of one per primitive: keeps the suite fast
     def both(params, x, d_y):
         _, cache = layer.forward(params, x)
         ours = layer.backward(params, cache, d_y)
@@ -28,7 +35,7 @@ def layer_errors_vs_vjp(layer, params, x, d_y):
         return ours, (reference_d_x, reference_grads)
 
     assert jax.eval_shape(lambda: layer.forward(params, x)[0]).shape == d_y.shape
-    (d_x, grads), (reference_d_x, reference_grads) = both(params, x, d_y)
+    (d_x, grads), (reference_d_x, reference_grads) = quick_jit(both, params, x, d_y)
     assert set(grads) == set(params), "grads must have exactly the keys of params"
     errors = {"d_x": relative_error(d_x, reference_d_x)}
     for name in params:

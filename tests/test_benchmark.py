@@ -26,16 +26,21 @@ def test_quick_benchmark_runs_and_writes_results(tmp_path, capsys):
         for side in ("ours", "jax_grad_same_layout", "jax_grad_batch_first"):
             assert row[side]["samples_per_second"] > 0, side
         assert row["time_ratio_ours_over_jax_grad_same_layout"] > 0 and row["time_ratio_ours_over_jax_grad_batch_first"] > 0
+    lenet = results["lenet_training_step"]
+    assert lenet["batch_size"] == 32 and lenet["time_ratio_ours_over_jax_grad_nhwc"] > 0
+    assert lenet["ours"]["milliseconds_per_step"] > 0 and lenet["jax_grad_nhwc"]["milliseconds_per_step"] > 0
     assert {"cpu", "cores", "jax_version", "device"} <= set(results["machine"])
     assert results["whole_runs"]["seed_preset_train_seconds"] > 0
     assert "ours/same layout" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("peer", [speed.same_layout_loss_and_grads, speed.batch_first_loss_and_grads])
-def test_our_step_and_the_jax_grad_step_agree(peer):
+@pytest.mark.parametrize("kind, peer", [("modern", speed.same_layout_loss_and_grads),
+                                        ("modern", speed.batch_first_loss_and_grads),
+                                        ("lenet", speed.lenet_peer_loss_and_grads)])
+def test_our_step_and_the_jax_grad_step_agree(kind, peer):
     """Same loss and same updated parameters after one SGD step on one batch (float32), against
-    both peers: the benchmark times the same computation three ways."""
-    network = model.build_network("modern")
+    every peer: the benchmark times the same computation on both sides."""
+    network = model.build_network(kind)
     params = network.init(jax.random.PRNGKey(1))
     # Real digits: their blank background with zero biases puts pre-activations exactly at 0, where
     # the peers must take ReLU's derivative as the layers do.
@@ -45,4 +50,4 @@ def test_our_step_and_the_jax_grad_step_agree(peer):
     assert loss_error < 1e-6 and param_error < 1e-6, (loss_error, param_error)
     # And the step changed the parameters at all (so the comparison above is not vacuous).
     stepped, _ = speed.make_run(speed.ours_loss_and_grads(network))(params, images[None], labels[None])
-    assert float(jnp.max(jnp.abs(stepped[4]["weights"] - params[4]["weights"]))) > 1e-6
+    assert float(jnp.max(jnp.abs(stepped[-1]["weights"] - params[-1]["weights"]))) > 1e-6

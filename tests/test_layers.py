@@ -15,7 +15,7 @@ import Convolutional as convolutional_module
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
-from gradcheck import layer_errors_vs_finite_differences, layer_errors_vs_vjp, relative_error
+from gradcheck import layer_errors_vs_finite_differences, layer_errors_vs_vjp, quick_jit, relative_error
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 from naive import conv_backward_naive, conv_forward_naive
 
@@ -36,7 +36,8 @@ def report(name, worst):
 def random_params(layer, rng, key):
     """The layer's parameters in float64, every entry standard normal (biases too, so that a bias
     gradient sent to the wrong place would show)."""
-    return {name: jnp.asarray(rng.standard_normal(value.shape)) for name, value in layer.init(key, F64).items()}
+    return {name: jnp.asarray(rng.standard_normal(value.shape))
+            for name, value in jax.eval_shape(lambda: layer.init(key, F64)).items()}
 
 
 def assert_within(name, errors, bound):
@@ -70,9 +71,10 @@ def output_rows(c):
 
 def conv_case(c, rng):
     layer = make_conv(c)
-    params = layer.init(jax.random.PRNGKey(0), F64)
-    # Non-zero biases, so a bias gradient routed to the wrong position would show.
-    params["biases"] = jnp.asarray(rng.standard_normal(params["biases"].shape))
+    # Random weights and non-zero biases (so a bias gradient routed to the wrong position would show),
+    # drawn by numpy: a JAX draw of each new shape in float64 takes longer to compile than the test.
+    params = {name: jnp.asarray(rng.standard_normal(value.shape))
+              for name, value in jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), F64)).items()}
     x, d_y = random_arrays(rng, (c["C"], c["H"], c["W"], c["N"]), layer.output_shape(layer.input_shape) + (c["N"],))
     return layer, params, x, d_y
 
@@ -120,8 +122,8 @@ def test_convolution_matches_naive_loops():
     assert {c["C"] == 1 for c in small[:6]} == {True, False}
     for c in small[:6]:
         layer, params, x, d_y = conv_case(c, rng)
-        y, d_x, grads = jax.jit(lambda p, x, d_y: (layer.forward(p, x)[0],)
-                                + layer.backward(p, layer.forward(p, x)[1], d_y))(params, x, d_y)
+        y, d_x, grads = quick_jit(lambda p, x, d_y: (layer.forward(p, x)[0],) + layer.backward(p, layer.forward(p, x)[1], d_y),
+                                  params, x, d_y)
         w, b = np.asarray(params["weights"]), np.asarray(params["biases"])
         y_naive = conv_forward_naive(np.asarray(x), w, b, c["S"], c["P"])
         d_x_naive, d_w_naive, d_b_naive = conv_backward_naive(np.asarray(x), w, np.asarray(d_y), c["S"],
@@ -305,10 +307,10 @@ def test_parameter_shapes_and_init():
 def test_every_layer_reports_the_shape_its_forward_returns(layer, input_shape):
     """One interface: output_shape(input shape of one sample) is the shape forward returns for it,
     batch axis aside (last for feature maps, first for feature vectors)."""
-    params = layer.init(jax.random.PRNGKey(0), F64)
+    params = jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), F64))
     batch = 3
     x_shape = input_shape + (batch,) if len(input_shape) == 3 else (batch,) + input_shape
-    y = jax.eval_shape(lambda x: layer.forward(params, x)[0], jax.ShapeDtypeStruct(x_shape, F64))
+    y = jax.eval_shape(lambda params, x: layer.forward(params, x)[0], params, jax.ShapeDtypeStruct(x_shape, F64))
     sample_shape = y.shape[1:] if len(y.shape) == 2 else y.shape[:-1]
     assert sample_shape == layer.output_shape(input_shape)
 

@@ -15,7 +15,7 @@ import pytest
 import model
 from conftest import COMPILATION_CACHE, ROOT
 from data import load_idx
-from gradcheck import relative_error
+from gradcheck import quick_jit, relative_error
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def test_network_gradients_match_autodiff(kind):
         output, _ = network.forward(params, x)
         return network.loss.forward(output, jax.nn.one_hot(labels, 10, dtype=jnp.float64))[0]
 
-    loss, grads = jax.jit(network.loss_and_grads)(params, x, labels)
-    reference_loss, reference = jax.jit(jax.value_and_grad(loss_only))(params)
+    loss, grads = quick_jit(network.loss_and_grads, params, x, labels)
+    reference_loss, reference = quick_jit(jax.value_and_grad(loss_only), params)
     assert relative_error(loss, reference_loss) <= 1e-13
     for index, (ours, theirs) in enumerate(zip(grads, reference)):
         assert set(ours) == set(theirs)
@@ -205,14 +205,14 @@ def test_training_step_with_momentum_and_decay_matches_jax_grad():
     labels = jnp.asarray([1, 5, 9, 0])
     lr, momentum, weight_decay = 0.05, 0.9, 5e-3
 
-    _, grads = jax.jit(network.loss_and_grads)(params, x, labels)  # jitted: one compilation, not one per op
+    _, grads = quick_jit(network.loss_and_grads, params, x, labels)
     ours, ours_velocity = model.sgd_update(params, velocity, grads, lr, momentum, weight_decay)
 
     def loss_only(params):
         output, _ = network.forward(params, x)
         return network.loss.forward(output, jax.nn.one_hot(labels, 10, dtype=jnp.float64))[0]
 
-    expected, expected_velocity = hand_sgd(params, velocity, jax.jit(jax.grad(loss_only))(params), lr, momentum,
+    expected, expected_velocity = hand_sgd(params, velocity, quick_jit(jax.grad(loss_only), params), lr, momentum,
                                            weight_decay)
     for got, want, before in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(expected),
                                  jax.tree_util.tree_leaves(params)):

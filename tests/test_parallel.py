@@ -24,10 +24,10 @@ def two_host_devices():
     return dict(CLI_ENVIRONMENT, XLA_FLAGS="--xla_force_host_platform_device_count=2")
 
 
-def model_py(*flags, cwd, env=None):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "model.py"), *RUN, *flags,
-                             "--data-dir", os.path.join(ROOT, "data")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env or two_host_devices())
+def model_py(*flags, cwd, env=None, data_dir=os.path.join(ROOT, "data")):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "model.py"), *RUN, *flags, "--data-dir", data_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=env or two_host_devices())
 
 
 def epochs_of(out_dir):
@@ -41,19 +41,19 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, small_mnist):
     """The same run three ways, at once: one device; two host devices in one process; two processes
     of one device each, joined on localhost."""
     folder = tmp_path_factory.mktemp("parallel")
     port = free_port()
     processes = {
-        "one device": model_py("--out-dir", str(folder / "one"), cwd=folder),
-        "two devices": model_py("--devices", "2", "--out-dir", str(folder / "two"), cwd=folder),
+        "one device": model_py("--out-dir", str(folder / "one"), cwd=folder, data_dir=small_mnist),
+        "two devices": model_py("--devices", "2", "--out-dir", str(folder / "two"), cwd=folder, data_dir=small_mnist),
     }
     for rank in (0, 1):
         processes[f"process {rank}"] = model_py("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                                 "--process-id", str(rank), "--out-dir", str(folder / f"rank{rank}"),
-                                                cwd=folder, env=CLI_ENVIRONMENT)
+                                                cwd=folder, env=CLI_ENVIRONMENT, data_dir=small_mnist)
     outputs = {name: process.communicate(timeout=400) for name, process in processes.items()}
     for name, process in processes.items():
         assert process.returncode == 0, (name, outputs[name])
