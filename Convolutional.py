@@ -87,18 +87,19 @@ class Convolutional:
         """x (C, H, W, N) -> (y (D, H_out, W_out, N), cache = x).
 
         Two ways of computing the same sum, each where it was measured faster (PERFORMANCE.md):
-        one input channel: XLA's own convolution. Written out as K*K offset slices (as the
-            backward is), XLA's CPU compiler would recompute that sum inside every later operation
-            that reads y. It also rounds as the original's per-sample run needs to be reproduced to
-            every printed digit (README.md, "The original run").
-        several input channels: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N)
-            (_patches). XLA's CPU convolution with the batch last and several input channels is slow.
+        one input channel and at most 3x3: XLA's own convolution. Written out as K*K offset slices
+            (as the backward is), XLA's CPU compiler would recompute that sum inside every later
+            operation that reads y. It also rounds as the original's per-sample run needs to be
+            reproduced to every printed digit (README.md, "The original run").
+        otherwise: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N) (_patches).
+            XLA's CPU convolution with the batch last is slow with several input channels, and with
+            one channel and a 5x5 window (LeNet-5's first layer).
         tests/test_layers.py checks this forward against a naive loop over every index.
         """
         K, S, P = self.kernel_size, self.stride, self.padding
         weights = params["weights"]
         D, C = weights.shape[:2]
-        if C == 1:
+        if C == 1 and K <= 3:
             y = lax.conv_general_dilated(x, weights, (S, S), ((P, P), (P, P)),
                                          dimension_numbers=("CHWN", "OIHW", "CHWN"))
         else:
