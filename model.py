@@ -8,7 +8,7 @@ one training epoch is a single jitted function: the dataset stays on the device 
 epoch's images are gathered in their shuffled order, and a `lax.scan` steps through the minibatches,
 scaling each to [0, 1] as it goes.
 
-Two presets:
+Three presets:
   --preset default  all 60,000 images, reshuffled every epoch, minibatches of 128, SGD with momentum,
                     weight decay and a cosine learning-rate decay, per-filter conv biases, fused
                     softmax-cross-entropy.
@@ -16,10 +16,14 @@ Two presets:
                     step, lr 0.01, 10 epochs, the original's initialisation, untied conv biases,
                     the `x == max` pooling gradient, and a Softmax layer followed by the clipped
                     categorical cross-entropy.
+  --preset lenet    LeNet-5 from the same layers (NETWORKS["lenet"]), trained like the default.
+--data-dir trains on any other dataset in MNIST's IDX format (data.py); the network is built for its
+image shape and number of classes.
 """
 
 import argparse
 import functools
+import importlib
 import json
 import math
 import os
@@ -27,6 +31,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -46,7 +51,7 @@ PRESETS = {
                     schedule="cosine", train_size=60000, shuffle=True, seed=0),
     "seed": dict(epochs=10, batch_size=1, lr=0.01, momentum=0.0, weight_decay=0.0,
                  schedule="constant", train_size=5000, shuffle=False, seed=0),
-    "lenet": dict(epochs=15, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+    "lenet": dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
                   train_size=60000, shuffle=True, seed=0),
 }
 # The network each preset builds; a checkpoint records it and refuses to load into the other.
@@ -64,6 +69,13 @@ EVAL_CHUNK = 1000  # test images per compiled evaluation step: bounds memory, no
 # parameters at the top of every iteration; with two steps per iteration the step in the middle
 # needs no copy (same arithmetic; PERFORMANCE.md has the timings).
 SCAN_UNROLL = 2
+
+
+# XLA's options for what runs once or once an epoch: drawing the initial weights, splitting keys,
+# shuffling. That is integer hashing and sorting plus one elementwise transform of the draws, for
+# which XLA's full optimisation (level 2) only makes compiling several times slower, a second or
+# more on every run; the results are the same bit for bit.
+ONCE_OPTIMISED = {"xla_backend_optimization_level": 1}
 
 
 class UsageError(Exception):
@@ -93,12 +105,10 @@ class Network:
     def init(self, key):
         keys = [key] * len(self.layers) if self.shared_init_key else list(jax.random.split(key, len(self.layers)))
         # Compiled as one function: drawn op by op, each random draw would be compiled on its own.
-        # The draws are integer hashing and one elementwise transform, run once; XLA's full
-        # optimisation only makes their compilation several times slower (a second or more, on
-        # every run). At level 1 the weights are the same, bit for bit, as drawn op by op
-        # (tests/test_model.py checks every network).
-        draw = jax.jit(lambda keys: [layer.init(k) for layer, k in zip(self.layers, keys)])
-        return draw.lower(keys).compile({"xla_backend_optimization_level": 1})(keys)
+        # At ONCE_OPTIMISED the weights are the same, bit for bit, as drawn op by op
+        # (tests/test_model.py checks it).
+        return jax.jit(lambda keys: [layer.init(k) for layer, k in zip(self.layers, keys)],
+                       compiler_options=ONCE_OPTIMISED)(keys)
 
     def forward(self, params, x):
         """x (C, H, W, N) -> (output (N, K), caches): probabilities or logits, as the loss expects."""
@@ -655,10 +665,24 @@ def require_file(flag, path):
 # Training run.
 
 
+@functools.partial(jax.jit, compiler_options=ONCE_OPTIMISED)  # one compilation, not one per operation
 def run_keys(seed):
     """The two independent PRNG keys a run draws from its --seed: (initialisation, shuffling)."""
     init_key, shuffle_key = jax.random.split(jax.random.PRNGKey(seed))
     return init_key, shuffle_key
+
+
+@functools.partial(jax.jit, static_argnames=("train_size", "count"), compiler_options=ONCE_OPTIMISED)
+def shuffled_order(shuffle_key, train_size, count):
+    """(the shuffling key for the next epoch, the first `count` of a random permutation of
+    0..train_size-1 as int32): the order in which an epoch takes its training images."""
+    shuffle_key, epoch_key = jax.random.split(shuffle_key)
+    return shuffle_key, jax.random.permutation(epoch_key, train_size)[:count].astype(jnp.int32)
+
+
+@jax.jit  # one compilation, not one per array
+def zeros_like_tree(tree):
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
 
 def describe_device():
@@ -686,7 +710,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
     eval_padded = replicated(pad_to_chunks(eval_images, mesh), mesh)
     predict = make_predict(network, mesh)
     if resume is None:
-        velocity = jax.tree_util.tree_map(jnp.zeros_like, params) if momentum > 0 else None
+        velocity = zeros_like_tree(params) if momentum > 0 else None
         _, shuffle_key = run_keys(args.seed)
         epochs = []
     else:
@@ -708,9 +732,8 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
         if stop():
             break
         if args.shuffle:
-            shuffle_key, epoch_key = jax.random.split(shuffle_key)
-            order = jax.random.permutation(epoch_key, args.train_size)[:steps * args.batch_size]
-            order = replicated(order.astype(jnp.int32), mesh)
+            shuffle_key, order = shuffled_order(shuffle_key, args.train_size, steps * args.batch_size)
+            order = replicated(order, mesh)
         else:
             order = in_order
         rates = replicated(learning_rates(args.schedule, args.lr, epoch, args.epochs, steps), mesh)
@@ -860,8 +883,11 @@ def classify_drawings(network, params, drawings, log=print):
     """Prints the class (for MNIST, the digit) and the K probabilities for each of drawings, (path,
     image, warning) as load_drawing prepared them, with a warning line for a blank image or an
     unsure answer."""
-    batch = to_input(jnp.asarray(np.stack([image for _, image, _ in drawings])))
-    probabilities = np.asarray(jax.jit(network.probabilities)(params, batch))
+    images = np.stack([image for _, image, _ in drawings])
+    # One compilation for the whole computation, the scaling included (compiled operation by
+    # operation, the scaling alone took longer than the network).
+    probabilities = np.asarray(jax.jit(lambda params, images: network.probabilities(params, to_input(images)))(
+        params, images))
     for (path, _, warning), row in zip(drawings, probabilities):
         if warning:
             log(warning)
@@ -999,6 +1025,12 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
     for name in OUTPUT_FILES:
         if name not in written and os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+
+
+def import_in_background(*modules):
+    """Starts importing modules in a background thread and returns at once; a later import of one
+    of them waits until it is complete (Python's import lock)."""
+    threading.Thread(target=lambda: [importlib.import_module(module) for module in modules], daemon=True).start()
 
 
 def join_processes(args):
@@ -1165,6 +1197,10 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
             save_checkpoint(save_path, params, network, velocity,
                             {"config": config, "shuffle_key": shuffle_key, "epochs": epochs})
 
+    if writes:
+        # The pictures' library, imported while XLA compiles the epoch (which releases Python's
+        # interpreter lock), rather than after training, when it is needed.
+        import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg")
     with StopOnInterrupt() as interrupted:
         if args.eval_only:
             epochs, compile_seconds, train_seconds = [], 0.0, 0.0

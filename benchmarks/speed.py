@@ -1,7 +1,7 @@
 """How fast are the hand-written gradients? Side by side with the same network trained through jax.grad.
 
     python benchmarks/speed.py            # the full table; writes benchmarks/results.json
-    python benchmarks/speed.py --quick    # a few steps of everything (one batch size), to check that it runs;
+    python benchmarks/speed.py --quick    # one step of everything (batch 8), to check that it runs;
                                           # the sides' agreement is left to tests/test_benchmark.py
 
 All three sides run the default network (5 filters 3x3, per-filter biases, 2x2 max-pool,
@@ -145,7 +145,7 @@ def batches(images, labels, batch_size, steps):
 
 def measure(run, params, images, labels, batch_size, repeats, min_seconds, quick):
     """(compile seconds, median samples/s, steps per repeat) of `run` at this batch size."""
-    steps = 2 if quick else 20
+    steps = 1 if quick else 20
     data = batches(images, labels, batch_size, steps)
     start = time.perf_counter()
     compiled = run.lower(params, *data).compile()
@@ -233,7 +233,9 @@ def main(argv=None):
                 ("lenet_jax_grad_nhwc", lenet, lenet_params, lenet_peer_loss_and_grads)]:
             loss_error, param_error = same_step(net, net_params, images, labels, make)
             agreement[key] = {"loss_relative_difference": loss_error, "params_relative_difference": param_error}
-    lenet_batch = 32 if args.quick else 128
+    # --quick: one step of 8 images, the shapes of same_step's, whose compilations the tests share.
+    quick_batch = 8
+    lenet_batch = quick_batch if args.quick else 128
     lenet_row = {"batch_size": lenet_batch}
     for key, _, make in LENET_SIDES:
         compile_seconds, rate, steps = measure(make_run(make(lenet)), lenet_params, images, labels, lenet_batch,
@@ -244,7 +246,7 @@ def main(argv=None):
                                                        / lenet_row["ours"]["samples_per_second"])
 
     rows = []
-    for batch_size in (32,) if args.quick else (1, 32, 128):
+    for batch_size in (quick_batch,) if args.quick else (1, 32, 128):
         row = {"batch_size": batch_size}
         for key, _, make in SIDES:
             compile_seconds, rate, steps = measure(make_run(make(network)), params, images, labels, batch_size,

@@ -1,4 +1,4 @@
-"""benchmarks/speed.py in its --quick mode: it must keep running, and its two steps must agree."""
+"""benchmarks/speed.py in its --quick mode must keep running, and every side's step must agree with ours."""
 
 import json
 import os
@@ -21,13 +21,13 @@ def test_quick_benchmark_runs_and_writes_results(tmp_path, capsys):
     speed.main(["--quick", "--out", str(out)])
     results = json.loads(out.read_text())
     assert results["quick"] is True
-    assert [row["batch_size"] for row in results["training_step"]] == [32]
+    assert [row["batch_size"] for row in results["training_step"]] == [8]
     for row in results["training_step"]:
         for side in ("ours", "jax_grad_same_layout", "jax_grad_batch_first"):
             assert row[side]["samples_per_second"] > 0, side
         assert row["time_ratio_ours_over_jax_grad_same_layout"] > 0 and row["time_ratio_ours_over_jax_grad_batch_first"] > 0
     lenet = results["lenet_training_step"]
-    assert lenet["batch_size"] == 32 and lenet["time_ratio_ours_over_jax_grad_nhwc"] > 0
+    assert lenet["batch_size"] == 8 and lenet["time_ratio_ours_over_jax_grad_nhwc"] > 0
     assert lenet["ours"]["milliseconds_per_step"] > 0 and lenet["jax_grad_nhwc"]["milliseconds_per_step"] > 0
     assert {"cpu", "cores", "jax_version", "device"} <= set(results["machine"])
     assert results["whole_runs"]["seed_preset_train_seconds"] > 0

@@ -348,7 +348,7 @@ def test_cli_refuses_nonsense_in_one_line(tmp_path, flags, fragment):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist):
+def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist, small_mnist):
     """A tiny end-to-end run, then --load --eval-only and --predict on a PNG made from a test digit."""
     import matplotlib.image
 
@@ -358,7 +358,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist
     out = tmp_path / "out"
     result = run_cli("--train-size", "2000", "--epochs", "2", "--batch-size", "50", "--out-dir", str(out),
                      "--save", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "seven.png"),
-                     "--data-dir", os.path.join(ROOT, "data"), cwd=tmp_path)
+                     "--data-dir", small_mnist, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("JAX ") and "preset 'default'" in result.stdout
     assert "epoch   2/2" in result.stdout and "class 7;" in result.stdout
@@ -373,7 +373,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist
 
     # The checkpoint evaluates to the same accuracy (here in this process: float32 all the same).
     assert model.main(["--load", str(tmp_path / "net.npz"), "--eval-only", "--out-dir", str(tmp_path / "eval"),
-                       "--data-dir", os.path.join(ROOT, "data")]) == 0
+                       "--data-dir", small_mnist]) == 0
     reloaded = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert reloaded["test_accuracy"] == metrics["test_accuracy"] and reloaded["epochs"] == []
 

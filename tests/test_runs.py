@@ -151,7 +151,7 @@ def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):
     params, _, _, _ = model.train(network, network.init(model.run_keys(0)[0]), args, train_images, train_labels,
                                   test_images[:1000], test_labels[:1000], log=lambda line: None)
     model.save_checkpoint(str(tmp_path / "net.npz"), params, network)
-    probabilities = np.asarray(network.probabilities(params, model.to_input(test_images[:200])))
+    probabilities = np.asarray(jax.jit(network.probabilities)(params, model.to_input(test_images[:200])))
     confident = [index for index in range(200) if probabilities[index].max() > 0.99
                  and probabilities[index].argmax() == test_labels[index]]
     chosen = [next(index for index in confident if test_labels[index] == digit) for digit in (0, 2, 3, 4, 7, 9)]
@@ -189,7 +189,7 @@ def test_drawing_is_normalised_like_mnist(tmp_path, mnist):
     assert np.allclose(centre, 13.5, atol=1.0), centre
 
 
-def test_val_size_holds_the_last_images_out_of_training(monkeypatch, tmp_path, mnist):
+def test_val_size_holds_the_last_images_out_of_training(monkeypatch, tmp_path, small_mnist):
     """--val-size N: training gets the first images of the training file, never its last N, each
     epoch reports validation accuracy, and the test set is evaluated once, at the end."""
     seen = {}
@@ -202,13 +202,13 @@ def test_val_size_holds_the_last_images_out_of_training(monkeypatch, tmp_path, m
 
     monkeypatch.setattr(model, "train", spy)
     lines = []
-    status = model.main(["--val-size", "1000", "--epochs", "1", "--batch-size", "500",
-                         "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "out")], log=lines.append)
+    status = model.main(["--val-size", "200", "--epochs", "1", "--batch-size", "100",
+                         "--data-dir", small_mnist, "--out-dir", str(tmp_path / "out")], log=lines.append)
     assert status == 0
-    train_images = mnist[0]
-    assert len(seen["train"]) == 59000 and np.array_equal(seen["train"], train_images[:59000])
-    assert np.array_equal(seen["eval"], train_images[59000:])
-    assert "the last 1000 held out for validation" in lines[0]
+    train_images = load_idx(small_mnist)[0]  # 2,000 images
+    assert len(seen["train"]) == 1800 and np.array_equal(seen["train"], train_images[:1800])
+    assert np.array_equal(seen["eval"], train_images[1800:])
+    assert "the last 200 held out for validation" in lines[0]
     assert [line for line in lines if line.startswith("epoch ")][0].count("val accuracy") == 1
     assert sum("test accuracy" in line for line in lines) == 1
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
