@@ -227,10 +227,12 @@ def main(argv=None):
 
     lenet = model.build_network("lenet")
     lenet_params = lenet.init(jax.random.PRNGKey(0))
+    # (key in results.json, heading, network, its parameters, the peer): each peer's step against ours.
+    comparisons = [(key, heading, network, params, make) for key, heading, make in PEERS]
+    comparisons.append(("lenet_jax_grad_nhwc", "LeNet-5 jax.grad, NHWC", lenet, lenet_params, lenet_peer_loss_and_grads))
     agreement = {}
     if not args.quick:
-        for key, net, net_params, make in [(key, network, params, make) for key, _, make in PEERS] + [
-                ("lenet_jax_grad_nhwc", lenet, lenet_params, lenet_peer_loss_and_grads)]:
+        for key, _, net, net_params, make in comparisons:
             loss_error, param_error = same_step(net, net_params, images, labels, make)
             agreement[key] = {"loss_relative_difference": loss_error, "params_relative_difference": param_error}
     # --quick: one step of 8 images, the shapes of same_step's, whose compilations the tests share.
@@ -272,7 +274,7 @@ def main(argv=None):
     machine = results["machine"]
     print(f"{machine['cpu']}, {machine['cores']} cores, JAX {machine['jax_version']} on {machine['device']}"
           + ("  [--quick: not a measurement]" if args.quick else ""))
-    for key, heading in [(key, heading) for key, heading, _ in PEERS] + [("lenet_jax_grad_nhwc", "LeNet-5 jax.grad, NHWC")]:
+    for key, heading, _, _, _ in comparisons:
         if key in agreement:
             print(f"one step, ours vs {heading}: loss differs by {agreement[key]['loss_relative_difference']:.1e}, "
                   f"parameters by {agreement[key]['params_relative_difference']:.1e} (relative)")

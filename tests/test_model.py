@@ -66,18 +66,18 @@ def test_seed_preset_initialises_like_the_original():
                                                     jnp.float32))
 
 
-def test_compiled_init_draws_the_weights_of_each_layer_drawn_op_by_op(kind="original"):
+def test_compiled_init_draws_the_weights_of_each_layer_drawn_op_by_op():
     """Network.init compiles all draws as one function, at a lower optimisation level than XLA's
     default; the weights must still be bit for bit those of every layer's init run op by op. (One
     network: each draw op by op is compiled on its own, slowly. The original's has both kinds of
     draw, N(0, 1) and He-scaled; at XLA's level 0 both differ.)"""
-    network = model.build_network(kind)
+    network = model.build_network("original")
     key = model.run_keys(3)[0]
     keys = [key] * len(network.layers) if network.shared_init_key else jax.random.split(key, len(network.layers))
     expected = [layer.init(layer_key) for layer, layer_key in zip(network.layers, keys)]  # not compiled as one
     for got, want in zip(network.init(key), expected):
         for name in want:
-            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{kind}: {name}")
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def run_cli(*flags, cwd):
