@@ -547,7 +547,8 @@ def parse_args(argv=None):
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
                         help=f"reshuffle the training images every epoch (preset {preset_values('shuffle')})")
     parser.add_argument("--data-dir", default="data",
-                        help="folder with the four MNIST IDX files, .gz or raw (default: %(default)s)")
+                        help="folder with the four IDX files of MNIST, or of any image dataset in that format, "
+                             ".gz or raw (default: %(default)s, MNIST)")
     parser.add_argument("--out-dir", default="results",
                         help="where metrics.json and the pictures go (default: %(default)s)")
     parser.add_argument("--save", metavar="PATH",
@@ -568,7 +569,7 @@ def parse_args(argv=None):
     parser.add_argument("--join-timeout", type=int, default=60, metavar="SECONDS",
                         help="how long to wait for every process to join before giving up (default: %(default)s)")
     parser.add_argument("--predict", metavar="IMAGE", nargs="+",
-                        help="classify PNGs of digits (any size, dark or light background, transparency "
+                        help="classify pictures (any size; for digits, dark or light background, transparency "
                              "allowed); with --load, only that: no data is read and nothing is written")
     args = parser.parse_args(argv)
     args.explicit = sorted(name for name in RUN_FLAGS if getattr(args, name) is not None)
