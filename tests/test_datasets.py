@@ -71,8 +71,8 @@ def test_a_colour_dataset_trains_end_to_end_with_its_own_pictures(colour_run):
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
     assert metrics["test_accuracy"] > 0.8, metrics["test_accuracy"]  # chance is about 0.3
     assert sorted(os.listdir(folder / "out")) == sorted(model.OUTPUT_FILES)
-    # The pictures adapt: one row per input channel and a colour row for the filters, a 4x4
-    # confusion matrix, the misclassified images in colour.
+    # The pictures adapt: one row per input channel and a colour row for the filters, the
+    # misclassified images in colour.
     from matplotlib.figure import Figure
     first_filters = np.random.default_rng(0).normal(size=(5, 3, 3, 3))
     figure = model.filters_figure(first_filters)
@@ -91,7 +91,7 @@ def test_predict_prepares_pictures_for_a_colour_network(colour_run, tmp_path):
     for index in range(4):
         paths.append(str(tmp_path / f"test{index}.png"))
         Image.fromarray(test_images[index].astype(np.uint8), "RGB").save(paths[-1])
-    # The same picture five times larger, with an alpha channel: resampled down to 12x12.
+    # The same picture five times larger, with an (opaque) alpha channel: resampled down to 12x12.
     large = np.kron(test_images[0], np.ones((5, 5, 1))).astype(np.uint8)
     paths.append(str(tmp_path / "large.png"))
     Image.fromarray(np.concatenate([large, np.full(large.shape[:2] + (1,), 255, np.uint8)], -1), "RGBA").save(paths[-1])
@@ -103,10 +103,15 @@ def test_predict_prepares_pictures_for_a_colour_network(colour_run, tmp_path):
     probabilities = jax.jit(network.probabilities)(params, model.to_input(test_images[:4].astype(np.uint8)))
     expected = np.asarray(probabilities).argmax(-1)
     assert answers == list(expected) + [expected[0]], lines
-    # --predict's preparation of a colour picture: transparency onto white, any size to 12x12x3.
+    # --predict's preparation of a colour picture: any size to 12x12x3, transparency onto white.
     prepared, warning = model.load_drawing(paths[-1], (3, 12, 12))
     assert warning is None and prepared.shape == (12, 12, 3) and prepared.dtype == np.uint8
     assert np.abs(prepared.astype(int) - test_images[0]).max() <= 60
+    half_clear = np.concatenate([test_images[0].astype(np.uint8), np.full((12, 12, 1), 255, np.uint8)], -1)
+    half_clear[:, :6, 3] = 0
+    Image.fromarray(half_clear, "RGBA").save(tmp_path / "half_clear.png")
+    prepared, _ = model.load_drawing(str(tmp_path / "half_clear.png"), (3, 12, 12))
+    assert (prepared[:, :6] == 255).all() and np.array_equal(prepared[:, 6:], test_images[0][:, 6:])
 
 
 def test_grey_drawings_are_prepared_for_the_network_size(tmp_path):
