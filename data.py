@@ -95,9 +95,9 @@ def _parse_idx(raw, path, magics):
     if found_magic not in magics:
         # The magic number is 0, 0, a data-type code (0x08: unsigned byte), the number of dimensions.
         type_code, found_dims = raw[2], raw[3]
-        expected = " or ".join(f"{magic} ({dims} dimensions)" for magic, dims in magics.items())
+        allowed = " or ".join(f"{magic} ({dims} dimensions)" for magic, dims in magics.items())
         raise DataError(f"{path}: magic number {found_magic} (type code 0x{type_code:02X}, {found_dims} "
-                        f"dimensions), expected {expected} of type 0x08, unsigned bytes, for "
+                        f"dimensions), expected {allowed} of type 0x08, unsigned bytes, for "
                         f"{'labels' if LABEL_MAGIC in magics else 'images'}; "
                         "is this the right file under the right name?")
     dims = magics[found_magic]

@@ -484,9 +484,11 @@ def load_checkpoint(path, network, flag="--load", stored=None):
 def load_run(stored, path, network):
     """(params, velocity or None, run) of the checkpoint at path to resume, already read (stored,
     as resume_flags returns it), as save_checkpoint wrote them."""
-    params = load_checkpoint(path, network, "--resume", stored)
+    check_checkpoint(stored, network, "--resume", path)
+    template = parameter_shapes(network)
+    params = layers_from(stored, "", template, "--resume", path)
     has_velocity = any(key.startswith("velocity/") for key in stored)
-    velocity = layers_from(stored, "velocity/", parameter_shapes(network), "--resume", path) if has_velocity else None
+    velocity = layers_from(stored, "velocity/", template, "--resume", path) if has_velocity else None
     run = {"config": json.loads(str(stored["run/config"])), "epochs": json.loads(str(stored["run/epochs"])),
            "shuffle_key": jnp.asarray(stored["run/shuffle_key"])}
     return params, velocity, run
@@ -941,8 +943,8 @@ def filters_figure(kernels):
     return figure
 
 
-def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions, num_classes):
-    """metrics.json, loss_curve.png (if anything was trained), learned_filters.png,
+def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions, classes):
+    """metrics.json, loss_curve.png (if anything was trained), learned_filters.png, the classes x classes
     confusion_matrix.png and misclassified.png in out_dir; removes any other of OUTPUT_FILES left
     there by an earlier run, since it would describe another run.
 
@@ -982,7 +984,6 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
 
     save_figure(filters_figure(np.asarray(kernels)), "learned_filters.png")
 
-    classes = num_classes
     confusion = np.zeros((classes, classes), np.int64)
     np.add.at(confusion, (np.asarray(test_labels, np.int64), predictions), 1)
     figure = Figure(figsize=(6.5, 5.5))

@@ -10,10 +10,12 @@ mean the same on every device.
 import atexit
 import os
 import shutil
+import struct
 import sys
 import tempfile
 
 import jax
+import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
@@ -36,18 +38,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def idx_bytes(array, magic):
+    """The bytes of an IDX file holding array (as unsigned bytes) under the header's magic number."""
+    array = np.asarray(array, np.uint8)
+    return struct.pack(f">i{array.ndim}I", magic, *array.shape) + array.tobytes()
+
+
 @pytest.fixture(scope="session")
 def small_mnist(tmp_path_factory):
     """The first 2,000 training and 500 test images of the shipped MNIST as a dataset folder of
     their own, for runs in fresh interpreters that need no more: less to read and to evaluate."""
-    import struct
-
     from data import FILES, load_idx
 
     folder = tmp_path_factory.mktemp("small-mnist")
     arrays = load_idx(os.path.join(ROOT, "data"))
     for (key, name), array, count in zip(FILES.items(), arrays, (2000, 2000, 500, 500)):
-        array = array[:count]
-        magic = 2051 if key.endswith("images") else 2049
-        (folder / name).write_bytes(struct.pack(f">i{array.ndim}I", magic, *array.shape) + array.tobytes())
+        (folder / name).write_bytes(idx_bytes(array[:count], 2051 if key.endswith("images") else 2049))
     return str(folder)

@@ -3,22 +3,16 @@
 import gzip
 import hashlib
 import os
-import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, idx_bytes
 from data import FILES, DataError, load_idx
 
 SHIPPED = os.path.join(ROOT, "data")
-
-
-def idx_bytes(array, magic):
-    array = np.asarray(array, np.uint8)
-    return struct.pack(f">i{array.ndim}I", magic, *array.shape) + array.tobytes()
 
 
 def write_dataset(folder, compress=True, checksums=False, n_train=5, n_test=3, seed=0):

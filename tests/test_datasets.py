@@ -6,7 +6,6 @@ prints such errors in one line, tests/test_model.py and test_data.py check that)
 import gzip
 import json
 import os
-import struct
 
 import jax
 import numpy as np
@@ -14,16 +13,15 @@ import pytest
 from PIL import Image
 
 import model
-from conftest import ROOT
+from conftest import ROOT, idx_bytes
 from data import DataError
 
 MNIST_DIR = os.path.join(ROOT, "data")
 
 
 def write_idx(path, array, magic):
-    array = np.asarray(array, np.uint8)
     with gzip.open(path, "wb") as f:
-        f.write(struct.pack(f">i{array.ndim}I", magic, *array.shape) + array.tobytes())
+        f.write(idx_bytes(array, magic))
 
 
 def colour_images(labels, rng, size=12):
