@@ -103,12 +103,14 @@ class Network:
         self.shared_init_key = shared_init_key
 
     def init(self, key):
-        keys = [key] * len(self.layers) if self.shared_init_key else list(jax.random.split(key, len(self.layers)))
+        def draw(key):
+            keys = [key] * len(self.layers) if self.shared_init_key else jax.random.split(key, len(self.layers))
+            return [layer.init(layer_key) for layer, layer_key in zip(self.layers, keys)]
+
         # Compiled as one function: drawn op by op, each random draw would be compiled on its own.
         # At ONCE_OPTIMISED the weights are the same, bit for bit, as drawn op by op
         # (tests/test_model.py checks it).
-        return jax.jit(lambda keys: [layer.init(k) for layer, k in zip(self.layers, keys)],
-                       compiler_options=ONCE_OPTIMISED)(keys)
+        return jax.jit(draw, compiler_options=ONCE_OPTIMISED)(key)
 
     def forward(self, params, x):
         """x (C, H, W, N) -> (output (N, K), caches): probabilities or logits, as the loss expects."""
@@ -344,8 +346,17 @@ def learning_rates(schedule, lr, epoch, epochs, steps):
     """
     if schedule == "constant":
         return jnp.full((steps,), lr, jnp.float32)
-    done = (epoch * steps + jnp.arange(steps)) / (epochs * steps)
-    return (lr * 0.5 * (1 + jnp.cos(math.pi * done))).astype(jnp.float32)
+    return cosine_rates(lr * 0.5, epoch * steps, epochs * steps, steps)
+
+
+# One compilation for every epoch. The numbers are arguments, not constants compiled into the
+# program: with a constant divisor XLA multiplies by its reciprocal instead, which changes the last
+# bit of some rates; as arguments, every rate is the same, bit for bit, as computed operation by
+# operation (tests/test_model.py checks it).
+@functools.partial(jax.jit, static_argnames="steps", compiler_options=ONCE_OPTIMISED)
+def cosine_rates(half_lr, first_step, total_steps, steps):
+    done = (first_step + jnp.arange(steps)) / total_steps
+    return (half_lr * (1 + jnp.cos(math.pi * done))).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -683,11 +694,6 @@ def shuffled_order(shuffle_key, train_size, count):
     return shuffle_key, jax.random.permutation(epoch_key, train_size)[:count].astype(jnp.int32)
 
 
-@jax.jit  # one compilation, not one per array
-def zeros_like_tree(tree):
-    return jax.tree_util.tree_map(jnp.zeros_like, tree)
-
-
 def describe_device():
     device = jax.devices()[0]
     return f"{device.platform} ({device.device_kind})"
@@ -713,7 +719,8 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
     eval_padded = replicated(pad_to_chunks(eval_images, mesh), mesh)
     predict = make_predict(network, mesh)
     if resume is None:
-        velocity = zeros_like_tree(params) if momentum > 0 else None
+        # Made by numpy and copied to the device: jnp.zeros_like would compile a function for it.
+        velocity = jax.tree_util.tree_map(lambda p: np.zeros(p.shape, p.dtype), params) if momentum > 0 else None
         _, shuffle_key = run_keys(args.seed)
         epochs = []
     else:

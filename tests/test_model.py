@@ -80,6 +80,20 @@ def test_compiled_init_draws_the_weights_of_each_layer_drawn_op_by_op():
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+def test_compiled_cosine_schedule_equals_the_formula_op_by_op():
+    """learning_rates compiles the cosine schedule as one function; in float32, as training uses
+    it, every rate must be bit for bit the formula's taken operation by operation (the default
+    run's 15 epochs of 468 steps among them). With the divisor compiled in as a constant, XLA
+    multiplies by its reciprocal instead and some rates differ in their last bit."""
+    with jax.enable_x64(False):
+        for lr, epochs, steps in [(0.1, 15, 468), (0.05, 20, 468), (0.02, 4, 16)]:
+            for epoch in range(epochs):
+                done = (epoch * steps + jnp.arange(steps)) / (epochs * steps)
+                expected = (lr * 0.5 * (1 + jnp.cos(np.pi * done))).astype(jnp.float32)
+                np.testing.assert_array_equal(model.learning_rates("cosine", lr, epoch, epochs, steps), expected,
+                                              err_msg=f"lr {lr}, epoch {epoch} of {epochs}, {steps} steps")
+
+
 def run_cli(*flags, cwd):
     """model.py in a fresh interpreter, as a user runs it: float32, none of this suite's conftest
     settings but full-precision matrix products and the session's compilation cache (conftest.py
@@ -91,6 +105,10 @@ def run_cli(*flags, cwd):
 
 
 CLI_ENVIRONMENT = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", **COMPILATION_CACHE)
+# The size of every short model.py run on the small_mnist folder (here, in test_parallel.py and
+# test_runs.py): with the same shapes, each fresh interpreter after the first finds the training
+# epoch, the draws and the evaluation in the session's compilation cache instead of compiling them.
+SMALL_CLI_RUN = ("--train-size", "1600", "--batch-size", "64")
 
 
 ORIGINAL_LOSSES = ["0.4169", "0.1493", "0.0792", "0.0412", "0.0220", "0.0148", "0.0064", "0.0032", "0.0017",
@@ -356,7 +374,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist
     big = np.kron(digit, np.ones((3, 3), np.uint8))  # 84x84: resized back down by --predict
     matplotlib.image.imsave(tmp_path / "seven.png", big, cmap="gray", vmin=0, vmax=255)
     out = tmp_path / "out"
-    result = run_cli("--train-size", "2000", "--epochs", "2", "--batch-size", "50", "--out-dir", str(out),
+    result = run_cli(*SMALL_CLI_RUN, "--epochs", "2", "--out-dir", str(out),
                      "--save", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "seven.png"),
                      "--data-dir", small_mnist, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -365,7 +383,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"config", "epochs", "test_accuracy", "train_seconds", "compile_seconds", "jax_version",
             "device"} <= set(metrics)
-    assert metrics["config"]["train_size"] == 2000 and metrics["config"]["batch_size"] == 50
+    assert metrics["config"]["train_size"] == 1600 and metrics["config"]["batch_size"] == 64
     assert [sorted(e) for e in metrics["epochs"]] == [["epoch", "seconds", "test_accuracy", "train_loss"]] * 2
     assert 0.5 < metrics["test_accuracy"] <= 1
     for picture in ["loss_curve.png", "learned_filters.png", "confusion_matrix.png", "misclassified.png"]:

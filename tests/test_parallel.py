@@ -15,9 +15,9 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_model import CLI_ENVIRONMENT
+from test_model import CLI_ENVIRONMENT, SMALL_CLI_RUN
 
-RUN = ("--train-size", "1600", "--epochs", "2", "--batch-size", "64")
+RUN = (*SMALL_CLI_RUN, "--epochs", "2")
 
 
 def two_host_devices():

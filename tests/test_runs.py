@@ -15,9 +15,9 @@ from PIL import Image
 import model
 from conftest import ROOT
 from data import load_idx
-from test_model import CLI_ENVIRONMENT, run_cli
+from test_model import CLI_ENVIRONMENT, SMALL_CLI_RUN, run_cli
 
-SMALL_RUN = ("--train-size", "3000", "--epochs", "4", "--batch-size", "50")
+SMALL_RUN = (*SMALL_CLI_RUN, "--epochs", "6")
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +30,12 @@ def checkpoint_arrays(path):
         return {name: archive[name] for name in archive.files}
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, small_mnist):
     """SIGINT once the first epoch line has appeared: the run stops after the epoch running, says
     where in one line, writes its outputs and checkpoint, and exits with 130. --resume then finishes
     it with the same parameters, bit for bit, and the same per-epoch table as a run never stopped."""
     def start(name):
-        command = [sys.executable, os.path.join(ROOT, "model.py"), *SMALL_RUN, "--data-dir", os.path.join(ROOT, "data"),
+        command = [sys.executable, os.path.join(ROOT, "model.py"), *SMALL_RUN, "--data-dir", small_mnist,
                    "--out-dir", str(tmp_path / name), "--save", str(tmp_path / f"{name}.npz")]
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                                 env=CLI_ENVIRONMENT)
@@ -56,11 +56,12 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     stopped = [line for line in output.splitlines() if line.startswith("interrupted:")]
     assert len(stopped) == 1 and "stopped after epoch" in stopped[0], output
     done = json.loads((tmp_path / "stopped" / "metrics.json").read_text())["epochs"]
-    assert 1 <= len(done) < 4
+    assert 1 <= len(done) < 6
     assert {path.name for path in (tmp_path / "stopped").iterdir()} == set(model.OUTPUT_FILES)
     assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]  # nothing half-written
 
-    resumed = run_cli("--resume", str(tmp_path / "stopped.npz"), "--out-dir", str(tmp_path / "resumed"), cwd=tmp_path)
+    resumed = run_cli("--resume", str(tmp_path / "stopped.npz"), "--out-dir", str(tmp_path / "resumed"),
+                      "--data-dir", small_mnist, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     _, errors = straight.communicate(timeout=300)
     assert straight.returncode == 0, errors
@@ -71,7 +72,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
         if name != "run/epochs":  # the per-epoch records hold timings; compared below without them
             assert np.array_equal(stopped_then_resumed[name], array), name
     epochs = [json.loads((tmp_path / name / "metrics.json").read_text())["epochs"] for name in ("resumed", "straight")]
-    assert len(epochs[0]) == 4
+    assert len(epochs[0]) == 6
     for key in ("epoch", "train_loss", "test_accuracy"):
         assert [e[key] for e in epochs[0]] == [e[key] for e in epochs[1]], key
 
