@@ -18,7 +18,7 @@ hand-written gradients and the batch-last layout together.
 LeNet-5 (--preset lenet's network, 61,706 parameters) is timed likewise against one peer, written as
 JAX users write it: images NHWC, filters HWIO, XLA's convolution, reduce_window, jax.grad.
 Samples per second exclude compilation and warm-up: the median of 7 repeats, each at least 0.2 s
-long. This file is, with tests/, the only place where autodiff may appear: here as the peers.
+long, the sides' repeats taking turns. This file is, with tests/, the only place where autodiff may appear: here as the peers.
 """
 
 import argparse
@@ -143,16 +143,20 @@ def batches(images, labels, batch_size, steps):
     return images, labels
 
 
-def measure(run, params, images, labels, batch_size, repeats, min_seconds, quick):
-    """(compile seconds, median samples/s, steps per repeat) of `run` at this batch size."""
-    steps = 1 if quick else 20
-    data = batches(images, labels, batch_size, steps)
-    start = time.perf_counter()
-    compiled = run.lower(params, *data).compile()
-    compile_seconds = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, *data))  # warm-up
-    if not quick:  # grow the scan until one repeat takes at least min_seconds
-        while True:
+def measure(runs, params, images, labels, batch_size, repeats, min_seconds, quick):
+    """[(compile seconds, samples/s, steps per repeat)] of each of runs (one per side, each from
+    make_run) at this batch size. Each side's scan grows until one call takes at least min_seconds;
+    then the sides take turns, one call each per repeat, so that the machine's speed, which drifts
+    over minutes on a shared CPU, weighs on every side alike. Samples/s from the median call."""
+    timed = []
+    for run in runs:
+        steps = 1 if quick else 20
+        data = batches(images, labels, batch_size, steps)
+        start = time.perf_counter()
+        compiled = run.lower(params, *data).compile()
+        compile_seconds = time.perf_counter() - start
+        jax.block_until_ready(compiled(params, *data))  # warm-up
+        while not quick:  # grow the scan until one call takes at least min_seconds
             start = time.perf_counter()
             jax.block_until_ready(compiled(params, *data))
             if time.perf_counter() - start >= min_seconds:
@@ -161,12 +165,14 @@ def measure(run, params, images, labels, batch_size, repeats, min_seconds, quick
             data = batches(images, labels, batch_size, steps)
             compiled = run.lower(params, *data).compile()
             jax.block_until_ready(compiled(params, *data))  # warm-up
-    times = []
+        timed.append((compiled, data, compile_seconds, steps, []))
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, *data))
-        times.append(time.perf_counter() - start)
-    return compile_seconds, batch_size * steps / statistics.median(times), steps
+        for compiled, data, _, _, times in timed:
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(params, *data))
+            times.append(time.perf_counter() - start)
+    return [(compile_seconds, batch_size * steps / statistics.median(times), steps)
+            for _, _, compile_seconds, steps, times in timed]
 
 
 def same_step(network, params, images, labels, peer):
@@ -239,9 +245,9 @@ def main(argv=None):
     quick_batch = 8
     lenet_batch = quick_batch if args.quick else 128
     lenet_row = {"batch_size": lenet_batch}
-    for key, _, make in LENET_SIDES:
-        compile_seconds, rate, steps = measure(make_run(make(lenet)), lenet_params, images, labels, lenet_batch,
-                                               repeats, min_seconds, args.quick)
+    lenet_measured = measure([make_run(make(lenet)) for _, _, make in LENET_SIDES], lenet_params, images, labels,
+                             lenet_batch, repeats, min_seconds, args.quick)
+    for (key, _, _), (compile_seconds, rate, steps) in zip(LENET_SIDES, lenet_measured):
         lenet_row[key] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps,
                           "milliseconds_per_step": 1000 * lenet_batch / rate}
     lenet_row["time_ratio_ours_over_jax_grad_nhwc"] = (lenet_row["jax_grad_nhwc"]["samples_per_second"]
@@ -250,9 +256,9 @@ def main(argv=None):
     rows = []
     for batch_size in (quick_batch,) if args.quick else (1, 32, 128):
         row = {"batch_size": batch_size}
-        for key, _, make in SIDES:
-            compile_seconds, rate, steps = measure(make_run(make(network)), params, images, labels, batch_size,
-                                                   repeats, min_seconds, args.quick)
+        measured = measure([make_run(make(network)) for _, _, make in SIDES], params, images, labels, batch_size,
+                           repeats, min_seconds, args.quick)
+        for (key, _, _), (compile_seconds, rate, steps) in zip(SIDES, measured):
             row[key] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps}
         for key, _, _ in PEERS:
             row["time_ratio_ours_over_" + key] = row[key]["samples_per_second"] / row["ours"]["samples_per_second"]
