@@ -200,14 +200,16 @@ def cpu_model():
 
 def whole_runs(mnist, quick):
     """model.train as `python model.py` runs it: the whole --preset seed training (compile included)
-    and the median of its epochs; the median of 5 epochs of the default preset (60,000 images each)."""
+    and the median of its epochs; the median of 5 epochs of the default preset (60,000 images each).
+    quick: one short epoch of each, of the sizes tests/test_model.py trains (shared compilations)."""
     quiet = lambda line: None  # noqa: E731
-    seed_args = model.parse_args(["--preset", "seed"] + (["--epochs", "1", "--train-size", "200"] if quick else []))
+    seed_args = model.parse_args(["--preset", "seed"] + (["--epochs", "1", "--train-size", "500"] if quick else []))
     network = model.build_network("original")
     params = network.init(model.run_keys(seed_args.seed)[0])
     _, seed_epochs, seed_compile, seed_total = model.train(network, params, seed_args, *mnist, log=quiet)
 
-    default_args = model.parse_args(["--epochs", "1" if quick else "5"] + (["--train-size", "1280"] if quick else []))
+    default_args = model.parse_args(["--epochs", "1" if quick else "5"]
+                                    + (["--train-size", "3000", "--batch-size", "32"] if quick else []))
     network = model.build_network("modern")
     params = network.init(model.run_keys(default_args.seed)[0])
     _, default_epochs, default_compile, _ = model.train(network, params, default_args, *mnist, log=quiet)
