@@ -147,7 +147,8 @@ def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):
     """A quickly trained checkpoint, and test digits it gets right with confidence, drawn four ways:
     each is classified as the digit it is. With --load, --predict reads no data and writes nothing."""
     train_images, train_labels, test_images, test_labels = mnist
-    args = model.parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32"])  # run_short's size (test_model.py): compiled once
+    # run_short's size (test_model.py), whose epoch the session has compiled already.
+    args = model.parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32"])
     network = model.build_network("modern")
     params, _, _, _ = model.train(network, network.init(model.run_keys(0)[0]), args, train_images, train_labels,
                                   test_images[:1000], test_labels[:1000], log=lambda line: None)
