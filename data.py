@@ -125,9 +125,9 @@ def _load_file(data_dir, key, checksums):
     return _parse_idx(raw, path, magics), path
 
 
-def describe_images(images):
-    """'28x28' for grey images (N, H, W), '32x32x3' for (N, H, W, C)."""
-    return "x".join(str(size) for size in images.shape[1:])
+def image_size(shape):
+    """'28x28' for a grey image's shape (H, W), '32x32x3' for a colour one's (H, W, C)."""
+    return "x".join(str(size) for size in shape)
 
 
 def load_idx(data_dir="data"):
@@ -157,13 +157,13 @@ def load_idx(data_dir="data"):
         if not len(images):
             raise DataError(f"{paths[split + '_images']} holds no images; a dataset needs some in both splits")
         if min(images.shape[1:]) < 1:
-            raise DataError(f"{paths[split + '_images']}: its images are {describe_images(images)}, "
+            raise DataError(f"{paths[split + '_images']}: its images are {image_size(images.shape[1:])}, "
                             "with no pixels; replace it")
         arrays += [images, labels]
     train_images, train_labels, test_images, test_labels = arrays
     if test_images.shape[1:] != train_images.shape[1:]:
-        raise DataError(f"{paths['test_images']}: images are {describe_images(test_images)}, but the training "
-                        f"images ({paths['train_images']}) are {describe_images(train_images)}; both splits "
+        raise DataError(f"{paths['test_images']}: images are {image_size(test_images.shape[1:])}, but the training "
+                        f"images ({paths['train_images']}) are {image_size(train_images.shape[1:])}; both splits "
                         "need images of one size and number of channels")
     if np.all(train_labels == train_labels[0]):
         raise DataError(f"{paths['train_labels']}: every training label is {train_labels[0]}, one class only; "

@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
-from data import DataError, dataset_file, describe_images, load_idx, number_of_classes
+from data import DataError, dataset_file, image_size, load_idx, number_of_classes
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 
 PRESETS = {
@@ -441,7 +441,7 @@ def trained_for(stored):
 def describe_data(input_shape, num_classes):
     """'28x28 images in 10 classes' for (1, 28, 28), '12x12x3 images in 4 classes' for (3, 12, 12)."""
     C, H, W = input_shape
-    return f"{H}x{W}{'' if C == 1 else f'x{C}'} images in {num_classes} classes"
+    return f"{image_size((H, W) if C == 1 else (H, W, C))} images in {num_classes} classes"
 
 
 def check_checkpoint(stored, network, flag, path):
@@ -1140,7 +1140,7 @@ def network_for_data(kind, data_dir, train_images, train_labels):
     try:
         return build_network(kind, input_shape, number_of_classes(train_labels))
     except ValueError as error:
-        raise UsageError(f"{dataset_file(data_dir, 'train_images')}: its {describe_images(train_images)} images "
+        raise UsageError(f"{dataset_file(data_dir, 'train_images')}: its {image_size(train_images.shape[1:])} images "
                          f"are too small for the {kind!r} network ({error}); use larger images or a "
                          "--preset whose network fits them") from None
 
