@@ -1,5 +1,6 @@
 """Shared set-up: the project root on sys.path, float64 so gradients can be compared to ~1e-12,
-float32 matrix products at full precision, and one compilation cache for the session.
+float32 matrix products at full precision, one compilation cache for the session, and what several
+test modules need: a small MNIST folder, an IDX writer, model.py run in a fresh interpreter.
 
 The training code fixes its own dtype (float32) explicitly, so model tests still run in float32. On a
 GPU, JAX's default float32 matrix product may round its inputs to TensorFloat-32 (10 mantissa bits);
@@ -11,6 +12,7 @@ import atexit
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import tempfile
 
@@ -55,3 +57,39 @@ def small_mnist(tmp_path_factory):
     for (key, name), array, count in zip(FILES.items(), arrays, (2000, 2000, 500, 500)):
         (folder / name).write_bytes(idx_bytes(array[:count], 2051 if key.endswith("images") else 2049))
     return str(folder)
+
+
+def run_cli(*flags, cwd):
+    """model.py in a fresh interpreter, as a user runs it: float32, none of this suite's settings
+    but full-precision matrix products and the session's compilation cache, reading the shipped
+    MNIST unless --data-dir is among the flags."""
+    if "--data-dir" not in flags:
+        flags += ("--data-dir", os.path.join(ROOT, "data"))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *flags], capture_output=True,
+                          text=True, cwd=cwd, timeout=600, env=CLI_ENVIRONMENT)
+
+
+CLI_ENVIRONMENT = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", **COMPILATION_CACHE)
+# The size of every short model.py run on the small_mnist folder: with the same shapes, each fresh
+# interpreter after the first finds the training epoch, the draws and the evaluation in the
+# session's compilation cache instead of compiling them.
+SMALL_CLI_RUN = ("--train-size", "1600", "--batch-size", "64")
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, small_mnist):
+    """`python model.py` on small_mnist for 2 epochs of SMALL_CLI_RUN, as a user runs it, saving
+    net.npz and classifying seven.png: test digit 0 (a 7) drawn dark on light at 3 times its size.
+    Returns (the completed process, its folder; out/ holds what the run wrote). One run for two
+    modules: test_model.py checks what it wrote, test_parallel.py compares runs on several devices
+    with it."""
+    from PIL import Image
+    from data import load_idx
+
+    folder = tmp_path_factory.mktemp("small-run")
+    digit = 255 - load_idx(small_mnist)[2][0]
+    Image.fromarray(np.kron(digit, np.ones((3, 3), np.uint8)), "L").save(folder / "seven.png")
+    result = run_cli(*SMALL_CLI_RUN, "--epochs", "2", "--out-dir", str(folder / "out"), "--save",
+                     str(folder / "net.npz"), "--predict", str(folder / "seven.png"), "--data-dir", small_mnist,
+                     cwd=folder)
+    return result, folder

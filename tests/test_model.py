@@ -4,8 +4,6 @@ import json
 import os
 import platform
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 
 import model
-from conftest import COMPILATION_CACHE, ROOT
+from conftest import ROOT, run_cli
 from data import load_idx
 from gradcheck import quick_jit, relative_error
 
@@ -92,23 +90,6 @@ def test_compiled_cosine_schedule_equals_the_formula_op_by_op():
                 expected = (lr * 0.5 * (1 + jnp.cos(np.pi * done))).astype(jnp.float32)
                 np.testing.assert_array_equal(model.learning_rates("cosine", lr, epoch, epochs, steps), expected,
                                               err_msg=f"lr {lr}, epoch {epoch} of {epochs}, {steps} steps")
-
-
-def run_cli(*flags, cwd):
-    """model.py in a fresh interpreter, as a user runs it: float32, none of this suite's conftest
-    settings but full-precision matrix products and the session's compilation cache (conftest.py
-    says why), reading the shipped MNIST unless --data-dir is among the flags."""
-    if "--data-dir" not in flags:
-        flags += ("--data-dir", os.path.join(ROOT, "data"))
-    return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *flags], capture_output=True,
-                          text=True, cwd=cwd, timeout=600, env=CLI_ENVIRONMENT)
-
-
-CLI_ENVIRONMENT = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", **COMPILATION_CACHE)
-# The size of every short model.py run on the small_mnist folder (here, in test_parallel.py and
-# test_runs.py): with the same shapes, each fresh interpreter after the first finds the training
-# epoch, the draws and the evaluation in the session's compilation cache instead of compiling them.
-SMALL_CLI_RUN = ("--train-size", "1600", "--batch-size", "64")
 
 
 ORIGINAL_LOSSES = ["0.4169", "0.1493", "0.0792", "0.0412", "0.0220", "0.0148", "0.0064", "0.0032", "0.0017",
@@ -368,17 +349,11 @@ def test_cli_refuses_nonsense_in_one_line(tmp_path, flags, fragment):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist, small_mnist):
-    """A tiny end-to-end run, then --load --eval-only and --predict on a PNG made from a test digit."""
-    import matplotlib.image
-
-    digit = 255 - mnist[2][0]  # test digit 0 (a 7) drawn dark on light, 28x28
-    big = np.kron(digit, np.ones((3, 3), np.uint8))  # 84x84: resized back down by --predict
-    matplotlib.image.imsave(tmp_path / "seven.png", big, cmap="gray", vmin=0, vmax=255)
-    out = tmp_path / "out"
-    result = run_cli(*SMALL_CLI_RUN, "--epochs", "2", "--out-dir", str(out),
-                     "--save", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "seven.png"),
-                     "--data-dir", small_mnist, cwd=tmp_path)
+def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small_run, small_mnist):
+    """A tiny end-to-end run (conftest's small_run), then --load --eval-only; --predict on a PNG made
+    from a test digit."""
+    result, folder = small_run
+    out = folder / "out"
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("JAX ") and "preset 'default'" in result.stdout
     assert "epoch   2/2" in result.stdout and "class 7;" in result.stdout
@@ -392,13 +367,13 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, mnist
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
 
     # The checkpoint evaluates to the same accuracy (here in this process: float32 all the same).
-    assert model.main(["--load", str(tmp_path / "net.npz"), "--eval-only", "--out-dir", str(tmp_path / "eval"),
+    assert model.main(["--load", str(folder / "net.npz"), "--eval-only", "--out-dir", str(tmp_path / "eval"),
                        "--data-dir", small_mnist]) == 0
     reloaded = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert reloaded["test_accuracy"] == metrics["test_accuracy"] and reloaded["epochs"] == []
 
     with pytest.raises(model.UsageError, match="saved from the 'modern' network"):
-        model.main(["--preset", "seed", "--load", str(tmp_path / "net.npz"), "--eval-only",
+        model.main(["--preset", "seed", "--load", str(folder / "net.npz"), "--eval-only",
                     "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "seed")])
 
 

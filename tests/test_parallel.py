@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
-from test_model import CLI_ENVIRONMENT, SMALL_CLI_RUN
+from conftest import CLI_ENVIRONMENT, ROOT, SMALL_CLI_RUN
 
 RUN = (*SMALL_CLI_RUN, "--epochs", "2")
 
@@ -41,15 +40,14 @@ def free_port():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, small_mnist):
-    """The same run three ways, at once: one device; two host devices in one process; two processes
-    of one device each, joined on localhost."""
+def runs(tmp_path_factory, small_mnist, small_run):
+    """The same run three ways: on one device (conftest's small_run, with these flags); on two host
+    devices in one process; in two processes of one device each, joined on localhost. The last two
+    at once. Returns {name: (stdout, stderr)} and {name: its out-dir}."""
     folder = tmp_path_factory.mktemp("parallel")
     port = free_port()
-    processes = {
-        "one device": model_py("--out-dir", str(folder / "one"), cwd=folder, data_dir=small_mnist),
-        "two devices": model_py("--devices", "2", "--out-dir", str(folder / "two"), cwd=folder, data_dir=small_mnist),
-    }
+    processes = {"two devices": model_py("--devices", "2", "--out-dir", str(folder / "two"), cwd=folder,
+                                         data_dir=small_mnist)}
     for rank in (0, 1):
         processes[f"process {rank}"] = model_py("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                                 "--process-id", str(rank), "--out-dir", str(folder / f"rank{rank}"),
@@ -57,7 +55,11 @@ def runs(tmp_path_factory, small_mnist):
     outputs = {name: process.communicate(timeout=400) for name, process in processes.items()}
     for name, process in processes.items():
         assert process.returncode == 0, (name, outputs[name])
-    return folder, outputs
+    one_device, small_folder = small_run
+    assert one_device.returncode == 0, one_device.stderr
+    out_dirs = {"one device": small_folder / "out", "two devices": folder / "two", "process 0": folder / "rank0",
+                "process 1": folder / "rank1"}
+    return outputs, out_dirs
 
 
 def test_two_devices_train_as_one(runs):
@@ -67,12 +69,12 @@ def test_two_devices_train_as_one(runs):
     (Measured on this run: no difference at all; the divisions by 32, 2 and 64 are exact in binary,
     and the sums happen to add in the same order. Other batch sizes or device counts need not.) A
     wrong all-reduce changes the loss at once by far more: psum in place of pmean fails here."""
-    folder, outputs = runs
-    one, two = epochs_of(folder / "one"), epochs_of(folder / "two")
+    outputs, out_dirs = runs
+    one, two = epochs_of(out_dirs["one device"]), epochs_of(out_dirs["two devices"])
     for a, b in zip(one, two):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-4 * a["train_loss"], (one, two)
         assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.002, (one, two)
-    metrics = json.loads((folder / "two" / "metrics.json").read_text())
+    metrics = json.loads((out_dirs["two devices"] / "metrics.json").read_text())
     assert metrics["devices"] == 2 and metrics["processes"] == 1
     assert "2 devices in 1 process" in outputs["two devices"][0]
 
@@ -80,20 +82,20 @@ def test_two_devices_train_as_one(runs):
 def test_two_processes_train_as_two_devices(runs):
     """Two processes of one device each run the same arithmetic as two devices in one process, the
     average taken across processes by Gloo: the same numbers."""
-    folder, outputs = runs
-    two, processes = epochs_of(folder / "two"), epochs_of(folder / "rank0")
+    outputs, out_dirs = runs
+    two, processes = epochs_of(out_dirs["two devices"]), epochs_of(out_dirs["process 0"])
     assert [e["train_loss"] for e in processes] == pytest.approx([e["train_loss"] for e in two], rel=1e-6)
     assert [e["test_accuracy"] for e in processes] == [e["test_accuracy"] for e in two]
-    metrics = json.loads((folder / "rank0" / "metrics.json").read_text())
+    metrics = json.loads((out_dirs["process 0"] / "metrics.json").read_text())
     assert metrics["devices"] == 2 and metrics["processes"] == 2
 
 
 def test_only_process_zero_writes(runs):
-    folder, outputs = runs
+    outputs, out_dirs = runs
     assert "epoch   2/2" in outputs["process 0"][0]
     # Process 1 prints nothing of its own (Gloo, the collectives library, announces its connection).
     assert [line for line in outputs["process 1"][0].splitlines() if not line.startswith("[Gloo]")] == []
-    assert not (folder / "rank1").exists()
+    assert not out_dirs["process 1"].exists()
 
 
 def test_more_devices_than_there_are_is_refused(tmp_path):

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 import model
-from conftest import ROOT
+from conftest import CLI_ENVIRONMENT, ROOT, SMALL_CLI_RUN, run_cli
 from data import load_idx
-from test_model import CLI_ENVIRONMENT, SMALL_CLI_RUN, run_cli
 
 SMALL_RUN = (*SMALL_CLI_RUN, "--epochs", "6")
 
