@@ -1256,9 +1256,9 @@ def exit_now(status):
     """Ends the process with status (an int, or a message for stderr and status 1) at once.
 
     By then every file is written and closed, and stdout and stderr are flushed here. Python's own
-    shutdown would go on to tear down JAX's runtime object by object, 0.3 to 0.8 s of a short run's
-    wall time on a 2-core machine (PERFORMANCE.md). A process of a run of several first leaves JAX's
-    distributed runtime, as Python's shutdown would have done (JAX registers that for exit)."""
+    shutdown would go on to tear down JAX's runtime object by object, a noticeable part of a short
+    run's wall time (PERFORMANCE.md has the numbers). A process of a run of several first leaves
+    JAX's distributed runtime, as Python's shutdown would have done (JAX registers that for exit)."""
     if isinstance(status, str):
         print(status, file=sys.stderr)
         status = 1

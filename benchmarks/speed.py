@@ -18,7 +18,8 @@ hand-written gradients and the batch-last layout together.
 LeNet-5 (--preset lenet's network, 61,706 parameters) is timed likewise against one peer, written as
 JAX users write it: images NHWC, filters HWIO, XLA's convolution, reduce_window, jax.grad.
 Samples per second exclude compilation and warm-up: the median of 7 repeats, each at least 0.2 s
-long, the sides' repeats taking turns. This file is, with tests/, the only place where autodiff may appear: here as the peers.
+long, the sides' repeats taking turns. This file is, with tests/, the only place where autodiff may
+appear: here as the peers.
 """
 
 import argparse
