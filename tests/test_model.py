@@ -64,12 +64,14 @@ def test_seed_preset_initialises_like_the_original():
                                                     jnp.float32))
 
 
-def test_compiled_init_draws_the_weights_of_each_layer_drawn_op_by_op():
+@pytest.mark.parametrize("kind", ["original", "modern"])
+def test_compiled_init_draws_the_weights_of_each_layer_drawn_op_by_op(kind):
     """Network.init compiles all draws as one function, at a lower optimisation level than XLA's
-    default; the weights must still be bit for bit those of every layer's init run op by op. (One
-    network: each draw op by op is compiled on its own, slowly. The original's has both kinds of
-    draw, N(0, 1) and He-scaled; at XLA's level 0 both differ.)"""
-    network = model.build_network("original")
+    default; the weights must still be bit for bit those of every layer's init run op by op. The
+    original's network has both kinds of draw, N(0, 1) and He-scaled (at XLA's level 0 both
+    differ), from one key shared by all layers; the modern one splits a key per layer inside the
+    compiled function."""
+    network = model.build_network(kind)
     key = model.run_keys(3)[0]
     keys = [key] * len(network.layers) if network.shared_init_key else jax.random.split(key, len(network.layers))
     expected = [layer.init(layer_key) for layer, layer_key in zip(network.layers, keys)]  # not compiled as one
