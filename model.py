@@ -78,6 +78,11 @@ SCAN_UNROLL = 2
 ONCE_OPTIMISED = {"xla_backend_optimization_level": 1}
 
 
+# The MNIST the project ships, found from model.py's own folder: `python path/to/model.py` works
+# from any working directory.
+SHIPPED_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
 class UsageError(Exception):
     """A flag value or file the user gave cannot work; the message is one line for the user."""
 
@@ -559,9 +564,9 @@ def parse_args(argv=None):
                         help=f"learning-rate schedule (preset {preset_values('schedule')})")
     parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
                         help=f"reshuffle the training images every epoch (preset {preset_values('shuffle')})")
-    parser.add_argument("--data-dir", default="data",
+    parser.add_argument("--data-dir", default=SHIPPED_MNIST,
                         help="folder with the four IDX files of MNIST, or of any image dataset in that format, "
-                             ".gz or raw (default: %(default)s, MNIST)")
+                             ".gz or raw (default: the MNIST in data/ beside model.py, wherever it is run from)")
     parser.add_argument("--out-dir", default="results",
                         help="where metrics.json and the pictures go (default: %(default)s)")
     parser.add_argument("--save", metavar="PATH",

@@ -379,6 +379,11 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
                     "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "seed")])
 
 
+def test_shipped_mnist_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.path.samefile(model.parse_args([]).data_dir, os.path.join(ROOT, "data"))
+
+
 def test_nan_loss_stops_training_and_writes_nothing(tmp_path):
     """main() as the command line runs it; that a UsageError becomes one line there is checked above."""
     with pytest.raises(model.UsageError, match="loss became nan in epoch 1, .*smaller --lr") as raised:
