@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from windows import offset_slices, output_size, spread
+from windows import add_offset_slices, offset_slices, output_size
 
 # For a batch, the weight gradient is one matrix product over all pixels and samples
 # (Convolutional._weight_gradient). It is computed in blocks of whole output rows, about this many
@@ -172,20 +172,11 @@ class Convolutional:
     def _input_gradient(self, weights, d_y, x_shape):
         """weights (D, C, K, K), d_y (D, H_out, W_out, N) -> d_x of shape x_shape (C, H, W, N):
         dx_pad[c, S*h + i, S*w + j, n] += sum_d F[d, c, i, j] * dy[d, h, w, n], then the padding
-        cropped.
-
-        The sum over the K*K offsets taken one axis at a time (THEORY.md §4.4, "dx in matrix form").
-        Along the width: for each column offset j, dy with its columns spread to j, j+S, ...
-        (windows.spread), the K of them stacked as (D*K) rows. One product with F arranged as
-        (C*K, D*K), rows (c, i) and columns (d, j), sums over d and j at once. Along the height: the
-        block of row offset i spread to rows i, i+S, ..., and the K blocks added.
-        """
+        cropped. For each offset, F[:, :, i, j]^T mixes dy's D filters into C channels, shaped like
+        the slice that offset read; add_offset_slices puts every such slice back where it came from."""
         _, H, W, _ = x_shape
         K, S, P = self.kernel_size, self.stride, self.padding
-        D, C = weights.shape[:2]
-        _, H_out, _, N = d_y.shape
-        columns = jnp.stack([spread(d_y, 2, j, W + 2 * P, S) for j in range(K)], axis=1)  # (D, K, H_out, W+2P, N)
-        mixed = weights.transpose(1, 2, 0, 3).reshape(C * K, D * K) @ columns.reshape(D * K, -1)
-        mixed = mixed.reshape(C, K, H_out, W + 2 * P, N)
-        d_x_pad = sum(spread(mixed[:, i], 1, i, H + 2 * P, S) for i in range(K))
+        d_slices = {(i, j): jnp.einsum("dhwn,dc->chwn", d_y, weights[:, :, i, j])
+                    for i in range(K) for j in range(K)}
+        d_x_pad = add_offset_slices(d_slices, (H + 2 * P, W + 2 * P), S)
         return d_x_pad[:, P:P + H, P:P + W, :]
