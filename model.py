@@ -355,8 +355,8 @@ def learning_rates(schedule, lr, epoch, epochs, steps):
 
 
 # One compilation for every epoch. The numbers are arguments, not constants compiled into the
-# program: with a constant divisor XLA multiplies by its reciprocal instead, which changes the last
-# bit of some rates; as arguments, every rate is the same, bit for bit, as computed operation by
+# program: with the divisor a constant, some rates change in their last bit (XLA may multiply by its
+# reciprocal instead); as arguments, every rate is the same, bit for bit, as computed operation by
 # operation (tests/test_model.py checks it).
 @functools.partial(jax.jit, static_argnames="steps", compiler_options=ONCE_OPTIMISED)
 def cosine_rates(half_lr, first_step, total_steps, steps):
