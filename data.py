@@ -27,6 +27,8 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+# The MNIST the project ships, in data/ beside this file: found from any working directory.
+SHIPPED_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # The header's magic number for each number of dimensions an images file may have, and the labels'.
 IMAGE_MAGICS = {3: 2051, 4: 2052}
 LABEL_MAGIC = 2049
@@ -130,7 +132,7 @@ def image_size(shape):
     return "x".join(str(size) for size in shape)
 
 
-def load_idx(data_dir="data"):
+def load_idx(data_dir=SHIPPED_MNIST):
     """Loads the four IDX files of a dataset from data_dir (MNIST's by default).
 
     Returns (train_images, train_labels, test_images, test_labels) as numpy arrays:

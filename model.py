@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
-from data import DataError, dataset_file, image_size, load_idx, number_of_classes
+from data import SHIPPED_MNIST, DataError, dataset_file, image_size, load_idx, number_of_classes
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 
 PRESETS = {
@@ -78,11 +78,6 @@ SCAN_UNROLL = 2
 ONCE_OPTIMISED = {"xla_backend_optimization_level": 1}
 
 
-# The MNIST the project ships, found from model.py's own folder: `python path/to/model.py` works
-# from any working directory.
-SHIPPED_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-
-
 class UsageError(Exception):
     """A flag value or file the user gave cannot work; the message is one line for the user."""
 
@@ -107,15 +102,16 @@ class Network:
         # gives each layer a key of its own.
         self.shared_init_key = shared_init_key
 
-    def init(self, key):
-        def draw(key):
-            keys = [key] * len(self.layers) if self.shared_init_key else jax.random.split(key, len(self.layers))
-            return [layer.init(layer_key) for layer, layer_key in zip(self.layers, keys)]
+    def draw(self, key):
+        """Every layer's initial parameters from key, operation by operation (init compiles it)."""
+        keys = [key] * len(self.layers) if self.shared_init_key else jax.random.split(key, len(self.layers))
+        return [layer.init(layer_key) for layer, layer_key in zip(self.layers, keys)]
 
+    def init(self, key):
         # Compiled as one function: drawn op by op, each random draw would be compiled on its own.
         # At ONCE_OPTIMISED the weights are the same, bit for bit, as drawn op by op
         # (tests/test_model.py checks it).
-        return jax.jit(draw, compiler_options=ONCE_OPTIMISED)(key)
+        return jax.jit(self.draw, compiler_options=ONCE_OPTIMISED)(key)
 
     def forward(self, params, x):
         """x (C, H, W, N) -> (output (N, K), caches): probabilities or logits, as the loss expects."""
@@ -485,8 +481,7 @@ def layers_from(stored, prefix, template, flag, path):
 
 def parameter_shapes(network):
     """The shapes and dtypes of the network's parameters, for reading a checkpoint: no random draw."""
-    return jax.eval_shape(lambda key: [layer.init(key) for layer in network.layers],
-                          jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return jax.eval_shape(network.draw, jax.ShapeDtypeStruct((2,), jnp.uint32))
 
 
 def load_checkpoint(path, network, flag="--load", stored=None):

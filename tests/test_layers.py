@@ -73,8 +73,7 @@ def conv_case(c, rng):
     layer = make_conv(c)
     # Random weights and non-zero biases (so a bias gradient routed to the wrong position would show),
     # drawn by numpy: a JAX draw of each new shape in float64 takes longer to compile than the test.
-    params = {name: jnp.asarray(rng.standard_normal(value.shape))
-              for name, value in jax.eval_shape(lambda: layer.init(jax.random.PRNGKey(0), F64)).items()}
+    params = random_params(layer, rng, jax.random.PRNGKey(0))
     x, d_y = random_arrays(rng, (c["C"], c["H"], c["W"], c["N"]), layer.output_shape(layer.input_shape) + (c["N"],))
     return layer, params, x, d_y
 
