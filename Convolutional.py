@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from windows import add_offset_slices, offset_slices, output_size
+from windows import offset_slices, output_size, spread
 
 # For a batch, the weight gradient is one matrix product over all pixels and samples
 # (Convolutional._weight_gradient). It is computed in blocks of whole output rows, about this many
 # columns each, and the blocks' products summed: each block's operands, for the default network
 # 14 rows of about 8192 floats (0.5 MB), then stay in a core's cache while the product reads them.
+# The im2col forward uses the same blocks (Convolutional._patch_blocks).
 DW_BLOCK_COLUMNS = 8192
 
 
@@ -91,9 +92,10 @@ class Convolutional:
             (as the backward is), XLA's CPU compiler would recompute that sum inside every later
             operation that reads y. It also rounds as the original's per-sample run needs to be
             reproduced to every printed digit (README.md, "The original run").
-        otherwise: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N) (_patches).
-            XLA's CPU convolution with the batch last is slow with several input channels, and with
-            one channel and a 5x5 window (LeNet-5's first layer).
+        otherwise: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N), taken
+            block by block of output rows (_patch_blocks). XLA's CPU convolution with the batch last
+            is slow with several input channels, and with one channel and a 5x5 window (LeNet-5's
+            first layer).
         tests/test_layers.py checks this forward against a naive loop over every index.
         """
         K, S, P = self.kernel_size, self.stride, self.padding
@@ -103,8 +105,10 @@ class Convolutional:
             y = lax.conv_general_dilated(x, weights, (S, S), ((P, P), (P, P)),
                                          dimension_numbers=("CHWN", "OIHW", "CHWN"))
         else:
-            patches = self._patches(x)
-            y = (weights.reshape(D, -1) @ patches.reshape(C * K * K, -1)).reshape((D,) + patches.shape[1:])
+            N = x.shape[3]
+            W_out = self.output_shape(x.shape[:3])[2]
+            y = jnp.concatenate([(weights.reshape(D, -1) @ patches).reshape(D, -1, W_out, N)
+                                 for patches in self._patch_blocks(x)], axis=1)
         biases = params["biases"]
         return y + (biases[:, None, None, None] if self.tied_biases else biases[..., None]), x
 
@@ -145,38 +149,58 @@ class Convolutional:
             return jnp.stack(products, axis=-1).reshape(D, C, K, K)
         # FAST PATH for a batch: the one im2col product, summed over blocks of output rows so that
         # each block's operands stay in cache (DW_BLOCK_COLUMNS).
-        patches = self._patches(x)
-        rows = math.ceil(H_out / math.ceil(H_out * W_out * N / DW_BLOCK_COLUMNS))
-        blocks = [d_y[:, top:top + rows].reshape(D, -1) @ patches[:, top:top + rows].reshape(C * K * K, -1).T
-                  for top in range(0, H_out, rows)]
+        blocks = [d_y[:, top:top + rows].reshape(D, -1) @ patches.T
+                  for (top, rows), patches in zip(self._row_blocks(H_out, W_out, N), self._patch_blocks(x))]
         return sum(blocks[1:], blocks[0]).reshape(D, C, K, K)
 
-    def _patches(self, x):
-        """x (C, H, W, N) -> the im2col matrix as (C*K*K, H_out, W_out, N),
-        patches[c*K*K + i*K + j, h, w, n] = x_pad[c, S*h + i, S*w + j, n].
+    @staticmethod
+    def _row_blocks(H_out, W_out, N):
+        """The blocks of whole output rows, [(top, rows), ...], about DW_BLOCK_COLUMNS columns each."""
+        rows = math.ceil(H_out / math.ceil(H_out * W_out * N / DW_BLOCK_COLUMNS))
+        return [(top, min(rows, H_out - top)) for top in range(0, H_out, rows)]
+
+    def _patch_blocks(self, x):
+        """x (C, H, W, N) -> the im2col matrix in blocks of output rows (_row_blocks), each
+        (C*K*K, rows*W_out*N), patches[c*K*K + i*K + j, (h, w, n)] = x_pad[c, S*h + i, S*w + j, n].
 
         Two ways to build the same exact copy, chosen by measurement in training (PERFORMANCE.md;
         timed apart from their consumers, the two compare differently): for one channel and at most
-        3x3 offsets, XLA's conv_general_dilated_patches (a convolution with 0/1 weights); for more
-        offsets or channels, the offset slices stacked.
+        3x3 offsets, XLA's conv_general_dilated_patches (a convolution with 0/1 weights), cut into
+        blocks; for more offsets or channels, each block's offset slices stacked, so that every
+        block is stored on its own, as the matrix product reads it, and XLA copies no block out.
         """
-        C = x.shape[0]
+        C, _, _, N = x.shape
         K, S, P = self.kernel_size, self.stride, self.padding
+        _, H_out, W_out = self.output_shape(x.shape[:3])
+        blocks = self._row_blocks(H_out, W_out, N)
         if C == 1 and K <= 3:
-            return lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
-                                                    dimension_numbers=("CHWN", "OIHW", "CHWN"))
+            patches = lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
+                                                       dimension_numbers=("CHWN", "OIHW", "CHWN"))
+            return [patches[:, top:top + rows].reshape(C * K * K, -1) for top, rows in blocks]
         x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
-        slices = list(offset_slices(x_pad, K, S).values())  # row-major (i, j), each (C, H_out, W_out, N)
-        return jnp.stack(slices, axis=1).reshape((C * K * K,) + slices[0].shape[1:])
+        # The input rows a block's windows read, S*top to S*(top + rows - 1) + K - 1; their offset
+        # slices come in row-major (i, j), each (C, rows, W_out, N), and stack to c*K*K + i*K + j.
+        return [jnp.stack(list(offset_slices(x_pad[:, S * top:S * (top + rows - 1) + K], K, S).values()),
+                          axis=1).reshape(C * K * K, -1)
+                for top, rows in blocks]
 
     def _input_gradient(self, weights, d_y, x_shape):
         """weights (D, C, K, K), d_y (D, H_out, W_out, N) -> d_x of shape x_shape (C, H, W, N):
         dx_pad[c, S*h + i, S*w + j, n] += sum_d F[d, c, i, j] * dy[d, h, w, n], then the padding
-        cropped. For each offset, F[:, :, i, j]^T mixes dy's D filters into C channels, shaped like
-        the slice that offset read; add_offset_slices puts every such slice back where it came from."""
+        cropped.
+
+        The sum over the K*K offsets taken one axis at a time (THEORY.md §4.4, "dx in matrix form").
+        Along the width: for each column offset j, dy with its columns spread to j, j+S, ...
+        (windows.spread), the K of them stacked as (D*K) rows. One product with F arranged as
+        (C*K, D*K), rows (c, i) and columns (d, j), sums over d and j at once. Along the height: the
+        block of row offset i spread to rows i, i+S, ..., and the K blocks added.
+        """
         _, H, W, _ = x_shape
         K, S, P = self.kernel_size, self.stride, self.padding
-        d_slices = {(i, j): jnp.einsum("dhwn,dc->chwn", d_y, weights[:, :, i, j])
-                    for i in range(K) for j in range(K)}
-        d_x_pad = add_offset_slices(d_slices, (H + 2 * P, W + 2 * P), S)
+        D, C = weights.shape[:2]
+        _, H_out, _, N = d_y.shape
+        columns = jnp.stack([spread(d_y, 2, j, W + 2 * P, S) for j in range(K)], axis=1)  # (D, K, H_out, W+2P, N)
+        mixed = weights.transpose(1, 2, 0, 3).reshape(C * K, D * K) @ columns.reshape(D * K, -1)
+        mixed = mixed.reshape(C, K, H_out, W + 2 * P, N)
+        d_x_pad = sum(spread(mixed[:, i], 1, i, H + 2 * P, S) for i in range(K))
         return d_x_pad[:, P:P + H, P:P + W, :]

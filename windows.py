@@ -36,6 +36,17 @@ def offset_slices(x, window, stride):
             for i in range(window) for j in range(window)}
 
 
+def spread(x, axis, offset, size, stride):
+    """The transpose, along one axis, of taking every stride-th entry from offset: x's entries along
+    `axis` placed at positions offset, offset + stride, ... of an axis of `size` positions, zeros
+    elsewhere. lax.pad does it: interior padding puts stride - 1 zeros between neighbours, edge
+    padding fills the rest."""
+    count = x.shape[axis]
+    widths = [(0, 0, 0)] * x.ndim
+    widths[axis] = (offset, size - offset - stride * (count - 1) - 1, stride - 1)
+    return lax.pad(x, jnp.zeros((), x.dtype), widths)
+
+
 def add_offset_slices(d_slices, input_hw, stride):
     """The transpose of offset_slices: sums each slice's gradient back where the slice came from.
 
@@ -47,14 +58,4 @@ def add_offset_slices(d_slices, input_hw, stride):
     Where windows overlap (stride < window) their contributions add up, as the chain rule demands.
     """
     H, W = input_hw
-    d_x = 0
-    for (i, j), d_slice in d_slices.items():
-        H_out, W_out = d_slice.shape[1:3]
-        # Interior padding (stride - 1 zeros between neighbours) spreads the H_out x W_out values
-        # to rows i, i+S, ... and columns j, j+S, ...; edge padding fills the rest of the H x W grid.
-        d_x = d_x + lax.pad(d_slice, jnp.zeros((), d_slice.dtype),
-                            ((0, 0, 0),
-                             (i, H - i - stride * (H_out - 1) - 1, stride - 1),
-                             (j, W - j - stride * (W_out - 1) - 1, stride - 1),
-                             (0, 0, 0)))
-    return d_x
+    return sum(spread(spread(d_slice, 1, i, H, stride), 2, j, W, stride) for (i, j), d_slice in d_slices.items())

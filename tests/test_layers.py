@@ -87,7 +87,7 @@ def test_convolution_matches_vjp_over_random_configurations():
     assert {c["N"] == 1 for c in configs} == {True, False} and {c["tied"] for c in configs} == {True, False}
     assert all({c[key] for c in configs} == values for key, values in
                [("C", {1, 2, 3}), ("S", {1, 2, 3}), ("P", {0, 1, 2}), ("N", {1, 2, 3, 4})])
-    # Both ways of building the im2col patches (Convolutional._patches), each in a batch.
+    # Both ways of building the im2col patches (Convolutional._patch_blocks), each in a batch.
     assert {c["C"] == 1 and c["K"] <= 3 for c in configs if c["N"] > 1} == {True, False}
     for c in configs:
         layer, params, x, d_y = conv_case(c, rng)
@@ -97,19 +97,26 @@ def test_convolution_matches_vjp_over_random_configurations():
     report("Convolutional vs jax.vjp", worst)
 
 
-def test_convolution_weight_gradient_in_blocks(monkeypatch):
-    """For a batch, dW is summed over blocks of whole output rows, about DW_BLOCK_COLUMNS columns
-    each. The configurations above fit in one block; here the blocks hold two rows each, so every
-    layer with more than two output rows needs several, the last one short where the count is odd."""
+def test_convolution_in_blocks_of_rows(monkeypatch):
+    """For a batch, the im2col forward and dW are taken over blocks of whole output rows, about
+    DW_BLOCK_COLUMNS columns each. The configurations above fit in one block; here the blocks hold
+    two rows each, so every layer with more than two output rows needs several, the last one short
+    where the count is odd. Both ways of building the patches are among them."""
     rng = np.random.default_rng(4)
-    batches = [c for c in conv_configs(16, seed=5) if c["N"] > 1 and output_rows(c) > 2][:5]
-    assert len(batches) >= 4 and any(output_rows(c) % 2 for c in batches)
+    batches = [c for c in conv_configs(40, seed=5) if c["N"] > 1 and output_rows(c) > 2][:6]
+    assert len(batches) >= 5 and any(output_rows(c) % 2 for c in batches)
+    assert {c["C"] == 1 and c["K"] <= 3 for c in batches} == {True, False}
     for c in batches:
         layer, params, x, d_y = conv_case(c, rng)
         _, H_out, W_out = layer.output_shape(layer.input_shape)
         monkeypatch.setattr(convolutional_module, "DW_BLOCK_COLUMNS", 2 * W_out * c["N"])
+        assert len(layer._row_blocks(H_out, W_out, c["N"])) == -(-H_out // 2)
         errors = layer_errors_vs_vjp(layer, params, x, d_y)
         assert errors["d_weights"] <= VJP_BOUND, f"Convolutional {c}: d_weights relative error {errors['d_weights']:.2e}"
+        y = quick_jit(lambda p, x: layer.forward(p, x)[0], params, x)
+        y_naive = conv_forward_naive(np.asarray(x), np.asarray(params["weights"]), np.asarray(params["biases"]),
+                                     c["S"], c["P"])
+        assert relative_error(y, y_naive) <= 1e-12, c
 
 
 def test_convolution_matches_naive_loops():
