@@ -319,16 +319,18 @@ def eval_chunk(mesh=None):
 
 
 def pad_to_chunks(images, mesh=None):
-    """Pads images (M, ...) with blank ones to a multiple of eval_chunk(mesh); predictions past M are dropped."""
+    """Pads images (M, ...) with blank ones to a multiple of eval_chunk(mesh), as a numpy array;
+    predictions past M are dropped."""
     missing = -len(images) % eval_chunk(mesh)
-    return jnp.pad(jnp.asarray(images), ((0, missing),) + ((0, 0),) * (np.ndim(images) - 1))
+    return np.pad(np.asarray(images), ((0, missing),) + ((0, 0),) * (np.ndim(images) - 1))
 
 
 def replicated(tree, mesh=None):
     """The arrays of tree as JAX arrays, with a mesh copied to every device of it (in every process:
-    each process supplies the copies on its own devices, from the same values)."""
+    each process supplies the copies on its own devices, from the same values). Copied by
+    jax.device_put: jnp.asarray would compile a function for every new shape."""
     if mesh is None:
-        return jax.tree_util.tree_map(jnp.asarray, tree)
+        return jax.tree_util.tree_map(jax.device_put, tree)
     sharding = NamedSharding(mesh, P())
     return jax.tree_util.tree_map(
         lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x)[index]), tree)
@@ -346,7 +348,7 @@ def learning_rates(schedule, lr, epoch, epochs, steps):
     training steps done, falling smoothly from lr to near 0 at the last step.
     """
     if schedule == "constant":
-        return jnp.full((steps,), lr, jnp.float32)
+        return np.full((steps,), lr, np.float32)
     return cosine_rates(lr * 0.5, epoch * steps, epochs * steps, steps)
 
 
@@ -470,7 +472,7 @@ def layers_from(stored, prefix, template, flag, path):
                 found = stored[key].shape if key in stored else "nothing"
                 raise UsageError(f"{flag} {path}: {key} should have shape {value.shape}, found {found}; "
                                  "the checkpoint does not match this network")
-            loaded[name] = jnp.asarray(stored[key], value.dtype)
+            loaded[name] = jax.device_put(np.asarray(stored[key], value.dtype))
         tree.append(loaded)
     expected = {f"{prefix}layer{index}/{name}" for index, layer_params in enumerate(template) for name in layer_params}
     unexpected = sorted(key for key in stored if key.startswith(prefix + "layer") and key not in expected)
@@ -501,7 +503,7 @@ def load_run(stored, path, network):
     has_velocity = any(key.startswith("velocity/") for key in stored)
     velocity = layers_from(stored, "velocity/", template, "--resume", path) if has_velocity else None
     run = {"config": json.loads(str(stored["run/config"])), "epochs": json.loads(str(stored["run/epochs"])),
-           "shuffle_key": jnp.asarray(stored["run/shuffle_key"])}
+           "shuffle_key": jax.device_put(stored["run/shuffle_key"])}
     return params, velocity, run
 
 
