@@ -93,9 +93,10 @@ class Convolutional:
             operation that reads y. It also rounds as the original's per-sample run needs to be
             reproduced to every printed digit (README.md, "The original run").
         otherwise: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N), taken
-            block by block of output rows (_patch_blocks). XLA's CPU convolution with the batch last
-            is slow with several input channels, and with one channel and a 5x5 window (LeNet-5's
-            first layer).
+            block by block of output rows (_patch_blocks): the blocks the weight gradient takes, so
+            that one set of patches serves both. XLA's CPU convolution with the batch last is slow
+            with several input channels, and with one channel and a 5x5 window (LeNet-5's first
+            layer).
         tests/test_layers.py checks this forward against a naive loop over every index.
         """
         K, S, P = self.kernel_size, self.stride, self.padding
