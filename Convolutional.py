@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from windows import offset_slices, output_size, spread
+from windows import offset_slices, output_size, spread, windows_along
 
 # For a batch, the weight gradient is one matrix product over all pixels and samples
 # (Convolutional._weight_gradient). It is computed in blocks of whole output rows, about this many
@@ -167,8 +167,9 @@ class Convolutional:
         Two ways to build the same exact copy, chosen by measurement in training (PERFORMANCE.md;
         timed apart from their consumers, the two compare differently): for one channel and at most
         3x3 offsets, XLA's conv_general_dilated_patches (a convolution with 0/1 weights), cut into
-        blocks; for more offsets or channels, each block's offset slices stacked, so that every
-        block is stored on its own, as the matrix product reads it, and XLA copies no block out.
+        blocks; for more offsets or channels, each block built on its own from the input rows its
+        windows read (windows.windows_along, once along the width and once along the height), so
+        that every block is stored as the matrix product reads it and XLA copies no block out.
         """
         C, _, _, N = x.shape
         K, S, P = self.kernel_size, self.stride, self.padding
@@ -179,11 +180,13 @@ class Convolutional:
                                                        dimension_numbers=("CHWN", "OIHW", "CHWN"))
             return [patches[:, top:top + rows].reshape(C * K * K, -1) for top, rows in blocks]
         x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
-        # The input rows a block's windows read, S*top to S*(top + rows - 1) + K - 1; their offset
-        # slices come in row-major (i, j), each (C, rows, W_out, N), and stack to c*K*K + i*K + j.
-        return [jnp.stack(list(offset_slices(x_pad[:, S * top:S * (top + rows - 1) + K], K, S).values()),
-                          axis=1).reshape(C * K * K, -1)
-                for top, rows in blocks]
+        patch_blocks = []
+        for top, rows in blocks:
+            x_rows = x_pad[:, S * top:S * (top + rows - 1) + K]  # the input rows the block's windows read
+            by_column = windows_along(x_rows, 2, K, S, W_out)  # [c, r, j, w, n] = x_rows[c, r, S*w + j, n]
+            by_both = windows_along(by_column, 1, K, S, rows)  # [c, i, h, j, w, n] = x_rows[c, S*h + i, S*w + j, n]
+            patch_blocks.append(by_both.transpose(0, 1, 3, 2, 4, 5).reshape(C * K * K, -1))
+        return patch_blocks
 
     def _input_gradient(self, weights, d_y, x_shape):
         """weights (D, C, K, K), d_y (D, H_out, W_out, N) -> d_x of shape x_shape (C, H, W, N):
