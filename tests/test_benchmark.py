@@ -1,7 +1,9 @@
-"""benchmarks/speed.py in its --quick mode must keep running, and every side's step must agree with ours."""
+"""benchmarks/speed.py in its --quick mode must keep running, and every side's step must agree with ours;
+benchmarks/pytorch_lenet.py without PyTorch says so in one line."""
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -51,3 +53,14 @@ def test_our_step_and_the_jax_grad_step_agree(kind, peer):
     # And the step changed the parameters at all (so the comparison above is not vacuous).
     stepped, _ = speed.make_run(speed.ours_loss_and_grads(network))(params, images[None, :8], labels[None, :8])
     assert float(jnp.max(jnp.abs(stepped[-1]["weights"] - params[-1]["weights"]))) > 1e-6
+
+
+def test_pytorch_benchmark_without_pytorch_says_so_in_one_line():
+    """benchmarks/pytorch_lenet.py needs PyTorch, which the project does not install: without it, one
+    line saying how to get it (torch is hidden from the run, so this holds where it is installed too)."""
+    script = os.path.join(ROOT, "benchmarks", "pytorch_lenet.py")
+    hide_torch = f"import sys, runpy; sys.modules['torch'] = None; sys.argv = [{script!r}]; runpy.run_path({script!r}, run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", hide_torch], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "benchmarks/pytorch_lenet.py compares with PyTorch, which is not installed: pip install torch"]
