@@ -99,7 +99,7 @@ def test_convolution_matches_vjp_over_random_configurations():
 
 
 def test_convolution_in_blocks_of_rows(monkeypatch):
-    """For a batch, the im2col forward and dW are taken over blocks of whole output rows, about
+    """For a batch, the im2col forward and dW are taken over blocks of whole output rows, at most
     DW_BLOCK_COLUMNS columns each. The configurations above fit in one block; here the blocks hold
     two rows each, so every layer with more than two output rows needs several, the last one short
     where the count is odd. Both ways of building the patches are among them."""
