@@ -7,7 +7,7 @@ Issue #13 set its LeNet-5 speed target against PyTorch eager, timed on the same 
 an epoch of 60,000 images at batch 128 in 3.0 s, "1.6x faster than PyTorch eager" (4.96 s then).
 That machine's speed drifts by a factor of two or more over days, so a time measured today means
 little beside one measured then; a ratio measured in one process, the two sides taking turns
-epoch by epoch, does not drift with it.
+epoch by epoch, compares them at the same moment of that drift.
 
 Ours is `python model.py --preset lenet`'s training itself (model.train): each of its epochs is
 timed as model.py times it, and after each one (the evaluation is not timed) PyTorch trains one
