@@ -64,6 +64,8 @@ DIVERGED_LOSS_FACTOR = 1.5
 # An epoch whose accuracy is within this much of always answering the most common class has
 # learned nothing worth the name, diverged or not.
 NEAR_CHANCE = 0.05
+# The seeds a run accepts: its key is drawn by a compiled function whose argument is a 32-bit integer.
+SEEDS = (-2 ** 31, 2 ** 31 - 1)
 EVAL_CHUNK = 1000  # test images per compiled evaluation step: bounds memory, not accuracy
 # Training steps traced per loop iteration of the epoch's lax.scan. XLA copies the loop-carried
 # parameters at the top of every iteration; with two steps per iteration the step in the middle
@@ -645,9 +647,13 @@ def check_args(args, available_train_images=None):
         raise UsageError("--resume continues a run; it cannot be combined with --load or --eval-only")
     if args.eval_only and args.predict:
         raise UsageError("--eval-only and --predict: with --load, --predict alone classifies the images")
+    if not SEEDS[0] <= args.seed <= SEEDS[1]:
+        raise UsageError(f"--seed must be {SEEDS[0]} to {SEEDS[1]} (32 bits, as JAX's keys take it), got {args.seed}")
     if args.devices < 1:
         raise UsageError(f"--devices must be at least 1, got {args.devices}")
-    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+    if args.num_processes < 1:
+        raise UsageError(f"--num-processes must be at least 1, got {args.num_processes}")
+    if not 0 <= args.process_id < args.num_processes:
         raise UsageError(f"--process-id must be 0 to {args.num_processes - 1} for --num-processes "
                          f"{args.num_processes}, got {args.process_id}")
     if (args.num_processes > 1) != bool(args.coordinator):
@@ -673,8 +679,39 @@ def check_args(args, available_train_images=None):
 
 def require_file(flag, path):
     """Refuses a path given to `flag` that is not an existing file (UsageError, one line)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give the file in it")
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path}: no such file")
+
+
+def check_output_paths(args):
+    """Refuses, before any training, an --out-dir or checkpoint path the run could not write when
+    it comes to it (UsageError, one line): a file where a folder must be, or the other way round, or
+    a folder without write permission. Only process 0 writes; with --load and --predict, nothing."""
+    if args.process_id != 0:
+        return
+    if not (args.load and args.predict):
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise UsageError(f"--out-dir {args.out_dir}: is a file; name a folder (it is made if missing)")
+        require_writable_folder("--out-dir", args.out_dir, args.out_dir)
+    for flag, path in (("--save", args.save), ("--resume", args.resume)):
+        if path:
+            if os.path.isdir(path):
+                raise UsageError(f"{flag} {path}: is a folder; give a file name, such as {os.path.join(path, 'run.npz')}")
+            require_writable_folder(flag, path, os.path.dirname(os.path.abspath(path)))
+
+
+def require_writable_folder(flag, path, folder):
+    """Refuses `flag path` unless folder exists and is writable, or can be made (its nearest existing
+    ancestor is a writable folder)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} is a file, so no folder can be made there; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: no permission to write in {existing}; choose another path")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1155,6 +1192,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
     log(line) prints what the run reports."""
     args = parse_args(argv)
     check_args(args)
+    check_output_paths(args)
     if args.coordinator:
         join_processes(args)
     stored_run = resume_flags(args) if args.resume else None
@@ -1279,6 +1317,10 @@ if __name__ == "__main__":
         exit_now(main())
     except (UsageError, DataError) as error:
         exit_now(f"model.py: error: {error}")
+    except OSError as error:  # a file the checks before training could not foresee (a full disk, ...)
+        # A failed rename names the temporary file first and the file meant (filename2) second.
+        path = error.filename2 or error.filename
+        exit_now(f"model.py: error: {path}: {error.strerror}" if path else f"model.py: error: {error}")
     except KeyboardInterrupt:
         print("model.py: stopped by Ctrl-C; every file written so far is complete", file=sys.stderr)
         exit_now(130)

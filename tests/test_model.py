@@ -321,6 +321,14 @@ REFUSALS = [
     (["--num-processes", "2"], "need all three of --coordinator"),
     (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"], "--process-id must be 0 to 1"),
     (["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "1"], "expected HOST:PORT"),
+    (["--seed", "2147483648"], "--seed must be -2147483648 to 2147483647"),
+    (["--num-processes", "0"], "--num-processes must be at least 1"),
+    (["--out-dir", "x.png"], "--out-dir x.png: is a file"),
+    (["--out-dir", "x.png/pictures"], "x.png is a file, so no folder can be made there"),
+    (["--save", "."], "--save .: is a folder"),
+    (["--save", "x.png/run.npz"], "x.png is a file, so no folder can be made there"),
+    (["--load", "."], "--load .: is a folder"),
+    (["--predict", "."], "--predict .: is a folder"),
     (["--epochs", "two"], "--epochs"),
     (["--preset", "fast"], "--preset"),
 ]
@@ -334,7 +342,7 @@ def test_nonsense_is_refused_in_one_line(tmp_path, capsys, monkeypatch, flags, f
         (tmp_path / name).write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     with pytest.raises((model.UsageError, SystemExit)) as raised:
-        model.main([*flags, "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "out")])
+        model.main(["--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "out"), *flags])
     message = str(raised.value) if raised.type is model.UsageError else capsys.readouterr().err.strip()
     assert "\n" not in message and fragment in message, message
     assert raised.type is model.UsageError or raised.value.code == 2
@@ -377,6 +385,26 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     with pytest.raises(model.UsageError, match="saved from the 'modern' network"):
         model.main(["--preset", "seed", "--load", str(folder / "net.npz"), "--eval-only",
                     "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "seed")])
+
+
+def test_a_folder_without_write_permission_is_refused_before_training(tmp_path, monkeypatch):
+    """As a user without write permission there sees it (the suite may run as root, who has it
+    everywhere, so the permission is denied by hand)."""
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(model.UsageError, match=f"--out-dir {tmp_path}/out: no permission to write in {tmp_path};"):
+        model.main(["--out-dir", str(tmp_path / "out"), "--data-dir", os.path.join(ROOT, "data")])
+
+
+def test_a_file_that_cannot_be_written_is_one_line_too(tmp_path, small_run, small_mnist):
+    """What the checks before training cannot foresee (here a folder where metrics.json goes; a full
+    disk alike) still ends in one line naming the file, not a traceback."""
+    (tmp_path / "out" / "metrics.json").mkdir(parents=True)
+    result = run_cli("--load", str(small_run[1] / "net.npz"), "--eval-only", "--out-dir", str(tmp_path / "out"),
+                     "--data-dir", small_mnist, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"model.py: error: {tmp_path / 'out' / 'metrics.json'}: "), lines
+    assert os.listdir(tmp_path / "out") == ["metrics.json"]  # and no temporary file left behind
 
 
 def test_shipped_mnist_is_found_from_any_working_directory(tmp_path, monkeypatch):
