@@ -38,6 +38,10 @@ class DataError(Exception):
     """A data file is missing or not what it should be; the message is one line for the user."""
 
 
+def dimensions(count):
+    return f"{count} dimension{'' if count == 1 else 's'}"
+
+
 def _names(key):
     """The file names key may have: MNIST's, and for images the same with idx4 for idx3."""
     name = FILES[key]
@@ -97,9 +101,9 @@ def _parse_idx(raw, path, magics):
     if found_magic not in magics:
         # The magic number is 0, 0, a data-type code (0x08: unsigned byte), the number of dimensions.
         type_code, found_dims = raw[2], raw[3]
-        allowed = " or ".join(f"{magic} ({dims} dimensions)" for magic, dims in magics.items())
-        raise DataError(f"{path}: magic number {found_magic} (type code 0x{type_code:02X}, {found_dims} "
-                        f"dimensions), expected {allowed} of type 0x08, unsigned bytes, for "
+        allowed = " or ".join(f"{magic} ({dimensions(dims)})" for magic, dims in magics.items())
+        raise DataError(f"{path}: magic number {found_magic} (type code 0x{type_code:02X}, {dimensions(found_dims)}"
+                        f"), expected {allowed} of type 0x08, unsigned bytes, for "
                         f"{'labels' if LABEL_MAGIC in magics else 'images'}; "
                         "is this the right file under the right name?")
     dims = magics[found_magic]

@@ -93,7 +93,8 @@ def test_wrong_magic_number(tmp_path):
     arrays = write_dataset(tmp_path)
     # Labels stored under the images' name: magic 2049 where 2051 belongs.
     write_file(tmp_path, FILES["train_images"], idx_bytes(arrays["train_labels"], 2049))
-    expect_error(tmp_path, "train-images-idx3-ubyte.gz", "magic number 2049", "expected 2051")
+    expect_error(tmp_path, "train-images-idx3-ubyte.gz", "magic number 2049 (type code 0x08, 1 dimension)",
+                 "expected 2051 (3 dimensions)")
 
 
 def test_wrong_data_type_code(tmp_path):
