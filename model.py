@@ -1099,10 +1099,12 @@ def rendezvous(args):
     """Waits, with plain sockets on the coordinator's port, until all args.num_processes processes
     have arrived; raises UsageError (one line) if they have not within args.join_timeout seconds.
 
-    JAX's runtime, left to find a missing process itself, ends every process with a fatal error and
-    a stack trace; this makes it a sentence instead. Process 0 listens; each other process connects,
-    says its number, and waits for process 0's go, sent once all are there. The others then close
-    first, so that process 0's port is free at once for the runtime's coordinator.
+    JAX's runtime, left to find a missing process itself, or two processes of one number, ends
+    every process with a fatal error and a stack trace; this makes it a sentence instead. Process 0
+    listens; each other process connects, says its number and --num-processes, and waits for process
+    0's answer, sent once all are there: go, or the sentence refusing them (joining_refusal), which
+    every process then raises. The others close first, so that process 0's port is free at once for
+    the runtime's coordinator.
     """
     host, _, port = args.coordinator.rpartition(":")
     if not host or not port.isdigit():
@@ -1114,7 +1116,8 @@ def rendezvous(args):
             server = socket.create_server(("", int(port)))
         except OSError as error:
             raise UsageError(f"--coordinator {args.coordinator}: process 0 cannot listen on port {port} "
-                             f"({error.strerror}); choose a free port") from None
+                             f"({error.strerror}); choose a free port, or if a process 0 is running there "
+                             "already, give this process another --process-id") from None
         arrived = []
         with server:
             while len(arrived) < args.num_processes - 1:
@@ -1122,32 +1125,54 @@ def rendezvous(args):
                 try:
                     connection, _ = server.accept()
                     connection.settimeout(max(0.01, deadline - time.monotonic()))
-                    arrived.append((int(connection.recv(16).decode()), connection))
-                except (OSError, ValueError):
+                    number, processes = (int(word) for word in connection.recv(64).decode().split())
+                    arrived.append((number, processes, connection))
+                except (OSError, ValueError):  # a timeout, or a stranger's connection: ignored
                     if time.monotonic() >= deadline:
-                        joined = sorted([0] + [number for number, _ in arrived])
+                        joined = sorted([0] + [number for number, _, _ in arrived])
                         raise UsageError(f"--coordinator {args.coordinator}: only processes {joined} of "
                                          f"{args.num_processes} arrived {waiting}; start the others with the "
                                          "same --coordinator and --num-processes") from None
-            for _, connection in arrived:
-                connection.sendall(b"go")
-            for _, connection in arrived:
+            refusal = joining_refusal(args.num_processes, [(number, processes) for number, processes, _ in arrived])
+            for _, _, connection in arrived:
+                connection.sendall(b"go" if refusal is None else refusal.encode())
+            for _, _, connection in arrived:
                 connection.recv(1)  # returns once the other side has closed
                 connection.close()
+        if refusal is not None:
+            raise UsageError(refusal)
         return
     while True:
         try:
             with socket.create_connection((host, int(port)), timeout=max(0.01, deadline - time.monotonic())) as link:
-                link.sendall(str(args.process_id).encode())
-                if link.recv(2) == b"go":
-                    return
+                link.sendall(f"{args.process_id} {args.num_processes}".encode())
+                answer = link.recv(1024)
         except OSError:
-            pass
+            answer = b""
+        if answer == b"go":
+            return
+        if answer:
+            raise UsageError(answer.decode())
         if time.monotonic() >= deadline:
             raise UsageError(f"--coordinator {args.coordinator}: process {args.process_id} found no process 0 "
                              f"there, or not every process arrived, {waiting}; start process 0 on that "
                              "machine with the same --coordinator and --num-processes")
         time.sleep(0.2)
+
+
+def joining_refusal(num_processes, arrived):
+    """Why the processes that reached process 0 cannot train together, one line, or None if they can.
+    arrived: [(the --process-id, the --num-processes) each other process was started with]."""
+    for number, processes in arrived:
+        if processes != num_processes:
+            return (f"--num-processes: process {number} was started with {processes}, process 0 with "
+                    f"{num_processes}; start every process with the same --num-processes")
+    numbers = [number for number, _ in arrived]
+    for number in sorted(set(numbers)):
+        if numbers.count(number) > 1:
+            return (f"--process-id {number}: {numbers.count(number)} processes were started with it; give each "
+                    f"process its own number, 0 to {num_processes - 1}")
+    return None
 
 
 def make_mesh(args):

@@ -2,18 +2,21 @@
 
 Several CPU devices exist only if XLA is told so before JAX starts, and several processes only as
 processes, so every run here is a fresh interpreter: model.py itself, or a few lines around
-model.train.
+model.train. Only the rendezvous before JAX's runtime starts, plain sockets, is tested in threads.
 """
 
+import argparse
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+import model
 from conftest import CLI_ENVIRONMENT, ROOT, SMALL_CLI_RUN
 
 RUN = (*SMALL_CLI_RUN, "--epochs", "2")
@@ -122,3 +125,33 @@ def test_a_missing_process_is_reported_in_one_line_in_bounded_time(tmp_path):
         assert len(lines) == 1 and "within --join-timeout 2 s" in lines[0], err
     assert time.monotonic() - start < 30
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("started_as, refusal", [
+    ([(0, 3), (1, 3), (1, 3)], "--process-id 1: 2 processes were started with it; give each process its own "
+                               "number, 0 to 2"),
+    ([(0, 3), (1, 2), (2, 3)], "--num-processes: process 1 was started with 2, process 0 with 3; start every "
+                               "process with the same --num-processes"),
+])
+def test_processes_that_cannot_train_together_are_all_refused_in_one_line(started_as, refusal):
+    """Two processes of one number, or started for different numbers of processes: JAX's runtime
+    would abort every one of them with a stack trace. The rendezvous before it refuses them all, process
+    0 and the others, with the same line. Each (--process-id, --num-processes) here is a thread."""
+    port = free_port()
+    outcome = {}
+
+    def join(index, process_id, num_processes):
+        args = argparse.Namespace(coordinator=f"127.0.0.1:{port}", process_id=process_id,
+                                  num_processes=num_processes, join_timeout=20)
+        try:
+            model.rendezvous(args)
+            outcome[index] = "joined"
+        except model.UsageError as error:
+            outcome[index] = str(error)
+
+    threads = [threading.Thread(target=join, args=(index, *flags)) for index, flags in enumerate(started_as)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert outcome == {index: refusal for index in range(len(started_as))}
