@@ -1261,7 +1261,8 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
         params, velocity, run = load_run(stored_run, args.resume, network)
         resume = {"velocity": velocity, "shuffle_key": run["shuffle_key"], "epochs": run["epochs"]}
         if len(run["epochs"]) >= args.epochs:
-            raise UsageError(f"--resume {args.resume}: the run has done all its {args.epochs} epochs already; "
+            raise UsageError(f"--resume {args.resume}: the run has already done the {args.epochs} "
+                             f"epoch{'s' if args.epochs != 1 else ''} it planned; "
                              "evaluate it with --load and --eval-only")
         log(f"resuming {args.resume} after epoch {len(run['epochs'])}")
     else:

@@ -92,6 +92,12 @@ def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
     model.save_checkpoint(str(tmp_path / "params.npz"), params, network)
     with pytest.raises(model.UsageError, match="not a run to resume; start from it with --load"):
         model.main(["--resume", str(tmp_path / "params.npz")])
+    # Nor is one that has done all its epochs.
+    done = [{"epoch": epoch, "train_loss": 0.5, "test_accuracy": 0.9, "seconds": 1.0} for epoch in (1, 2)]
+    model.save_checkpoint(str(tmp_path / "done.npz"), params, network, params,
+                          {"config": config, "shuffle_key": model.run_keys(0)[1], "epochs": done})
+    with pytest.raises(model.UsageError, match="has already done the 2 epochs it planned; evaluate it with --load"):
+        model.main(["--resume", str(tmp_path / "done.npz"), "--out-dir", str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
