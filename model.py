@@ -616,6 +616,10 @@ def resume_flags(args):
 
 def check_args(args, available_train_images=None):
     """Refuses values that cannot work, before any work starts (UsageError, one line)."""
+    # First: an empty path would read below as no flag at all (no --save, no --resume).
+    for name in ("data_dir", "out_dir", "save", "resume", "load"):
+        if getattr(args, name) == "":
+            raise UsageError(f"{flag_of(name)}: an empty path; give a name, or leave the flag out")
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     if args.batch_size < 1:

@@ -329,6 +329,9 @@ REFUSALS = [
     (["--save", "x.png/run.npz"], "x.png is a file, so no folder can be made there"),
     (["--load", "."], "--load .: is a folder"),
     (["--predict", "."], "--predict .: is a folder"),
+    (["--save", ""], "--save: an empty path"),
+    (["--resume", ""], "--resume: an empty path"),
+    (["--out-dir", ""], "--out-dir: an empty path"),
     (["--epochs", "two"], "--epochs"),
     (["--preset", "fast"], "--preset"),
 ]
