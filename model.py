@@ -21,15 +21,32 @@ Three presets:
 image shape and number of classes.
 """
 
+import os
+import signal
+import sys
+
+STOPPED_BY_CTRL_C = "model.py: stopped by Ctrl-C; every file written so far is complete"
+
+
+def stop_at_once(signum, frame):
+    """Ctrl-C (SIGINT) while model.py runs as a program, except while training and writing
+    (StopOnInterrupt): nothing is being written then, so the process ends at once, in one line, with
+    status 130. Python's own KeyboardInterrupt could land inside JAX's import or one of its callbacks,
+    which prints a traceback or swallows the interrupt and carries on."""
+    print(STOPPED_BY_CTRL_C, file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, stop_at_once)
+
+# The imports below take a second or more: Ctrl-C is handled before them, so they come after code.
 import argparse
 import functools
 import importlib
 import json
 import math
-import os
-import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -1351,6 +1368,6 @@ if __name__ == "__main__":
         # A failed rename names the temporary file first and the file meant (filename2) second.
         path = error.filename2 or error.filename
         exit_now(f"model.py: error: {path}: {error.strerror}" if path else f"model.py: error: {error}")
-    except KeyboardInterrupt:
-        print("model.py: stopped by Ctrl-C; every file written so far is complete", file=sys.stderr)
+    except KeyboardInterrupt:  # the second Ctrl-C while training or writing (StopOnInterrupt)
+        print(STOPPED_BY_CTRL_C, file=sys.stderr)
         exit_now(130)

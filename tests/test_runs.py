@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -74,6 +75,21 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, smal
     assert len(epochs[0]) == 6
     for key in ("epoch", "train_loss", "test_accuracy"):
         assert [e[key] for e in epochs[0]] == [e[key] for e in epochs[1]], key
+
+
+def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
+    """SIGINT half a second after starting, while JAX is still being imported: Python's own
+    KeyboardInterrupt there printed a traceback, or was swallowed by one of JAX's callbacks and the
+    run went on. Now: one line, status 130, nothing written."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "model.py"), "--out-dir", str(tmp_path / "out")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               env=CLI_ENVIRONMENT)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output, errors = process.communicate(timeout=60)
+    assert process.returncode == 130 and output == "", output + errors
+    assert errors == model.STOPPED_BY_CTRL_C + "\n"
+    assert os.listdir(tmp_path) == []
 
 
 def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
