@@ -50,6 +50,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -893,10 +894,16 @@ def load_drawing(path, input_shape=MNIST_INPUT_SHAPE):
         raise UsageError(f"--predict {path}: this network was trained on {C}-channel images; --predict "
                          "prepares grey (1 channel) or colour (3 channel) pictures only")
     try:
-        with Image.open(path) as image:
+        # Pillow warns of a "decompression bomb" from 89 million pixels up, and refuses from twice that.
+        # A user's own picture is no attack: a large one is read without the warning.
+        with warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning), \
+                Image.open(path) as image:
             has_alpha = "A" in image.getbands() or "transparency" in image.info
             bands = ("L" if C == 1 else "RGB") + ("A" if has_alpha else "")
             pixels = np.asarray(image.convert(bands), np.float32) / 255
+    except Image.DecompressionBombError:
+        raise UsageError(f"--predict {path}: more than {2 * Image.MAX_IMAGE_PIXELS} pixels, too large an image "
+                         "for Pillow to read; scale it down") from None
     except Exception as error:  # Pillow raises many types for files that are not images
         raise UsageError(f"--predict {path}: not a readable image ({type(error).__name__})") from None
     pixels = pixels.reshape(pixels.shape[:2] + (len(bands),))

@@ -6,6 +6,7 @@ prints such errors in one line, tests/test_model.py and test_data.py check that)
 import gzip
 import json
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -122,6 +123,20 @@ def test_grey_drawings_are_prepared_for_the_network_size(tmp_path):
     assert len(rows) == round(model.DIGIT_BOX * 16)  # the longer side fills the box, as MNIST's 20 of 28
     with pytest.raises(model.UsageError, match="2-channel images"):
         model.load_drawing(str(tmp_path / "one.png"), (2, 16, 20))
+
+
+def test_large_drawings_are_read_without_pillows_warning_and_huge_ones_refused(tmp_path, monkeypatch):
+    """Pillow warns from MAX_IMAGE_PIXELS pixels up and refuses from twice that; the limit is lowered
+    here so that small pictures stand for big ones."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    for side in (20, 30):  # 400 pixels: over the limit, under twice it; 900: over twice it
+        Image.fromarray(np.full((side, side), 255, np.uint8)).save(tmp_path / f"{side}.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.load_drawing(str(tmp_path / "20.png"))[0].shape == (28, 28)
+    with pytest.raises(model.UsageError, match="30.png: more than 600 pixels, too large an image for Pillow to "
+                                               "read; scale it down"):
+        model.load_drawing(str(tmp_path / "30.png"))
 
 
 def test_a_checkpoint_refuses_other_data(colour_run):
