@@ -760,6 +760,21 @@ def describe_device():
     return f"{device.platform} ({device.device_kind})"
 
 
+def start_devices():
+    """Starts JAX's devices, refusing in one line (UsageError) a platform it cannot start, the usual
+    cause being JAX_PLATFORMS naming one this installation or machine lacks. JAX raises a
+    RuntimeError for most, and an AssertionError without a word for a GPU platform (cuda, rocm)
+    whose plugin is not installed."""
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as error:
+        platforms = os.environ.get("JAX_PLATFORMS")
+        asked = f" (JAX_PLATFORMS={platforms})" if platforms else ""
+        why = (str(error).splitlines()[0] if str(error) else
+               "that platform is not installed; unset JAX_PLATFORMS to use what is, or install JAX's support for it")
+        raise UsageError(f"JAX cannot start its devices{asked}: {why}") from None
+
+
 def train(network, params, args, train_images, train_labels, eval_images, eval_labels, log=print,
           eval_name="test", resume=None, after_epoch=None, stop=lambda: False, mesh=None):
     """Runs the epochs of args.epochs not yet done. Returns (params, epochs, compile_seconds,
@@ -1248,6 +1263,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
     check_output_paths(args)
     if args.coordinator:
         join_processes(args)
+    start_devices()
     stored_run = resume_flags(args) if args.resume else None
     network_kind = PRESET_NETWORK[args.preset]
     # With several processes, process 0 alone prints and writes files; the others train in silence.

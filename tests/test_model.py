@@ -4,6 +4,8 @@ import json
 import os
 import platform
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 import model
-from conftest import ROOT, run_cli
+from conftest import CLI_ENVIRONMENT, ROOT, run_cli
 from data import load_idx
 from gradcheck import quick_jit, relative_error
 
@@ -388,6 +390,17 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     with pytest.raises(model.UsageError, match="saved from the 'modern' network"):
         model.main(["--preset", "seed", "--load", str(folder / "net.npz"), "--eval-only",
                     "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "seed")])
+
+
+def test_a_platform_jax_cannot_start_is_one_line():
+    """JAX_PLATFORMS naming a platform this JAX lacks (a GPU's without its plugin gives a bare
+    AssertionError; an unknown name, as here, a RuntimeError): one line, not JAX's traceback."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py")], capture_output=True, text=True,
+                            timeout=120, env=dict(CLI_ENVIRONMENT, JAX_PLATFORMS="nosuchdevice"))
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "model.py: error: JAX cannot start its devices (JAX_PLATFORMS=nosuchdevice): "), result.stderr
 
 
 def test_a_folder_without_write_permission_is_refused_before_training(tmp_path, monkeypatch):
