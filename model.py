@@ -830,7 +830,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
         train_loss = float(local(losses).mean())
         seconds = time.perf_counter() - start
         train_seconds += seconds
-        check_not_diverged(train_loss, epoch + 1, args.lr, network.num_classes)
+        check_not_diverged(train_loss, epoch + 1, args, network.num_classes)
         accuracy = accuracy_of(local(predict(params, eval_padded)), eval_labels)
         epochs.append({"epoch": epoch + 1, "train_loss": train_loss, f"{eval_name}_accuracy": accuracy,
                        "seconds": seconds})
@@ -869,14 +869,24 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def check_not_diverged(train_loss, epoch, lr, num_classes):
-    """Raises UsageError (one line, naming the epoch) if an epoch's mean loss is not finite or is
-    clearly worse than a blind guess's ln K."""
+def check_not_diverged(train_loss, epoch, args, num_classes):
+    """Raises UsageError (one line, naming the epoch and the likely cause) if an epoch's mean loss is
+    not finite or is clearly worse than a blind guess's ln K.
+
+    The weight decay is named beside the learning rate when it diverges on its own: its part of the
+    update (THEORY.md §5) is the recurrence w' = (1 + m - lr·wd) w - m w_before for momentum m, which
+    grows without bound once lr·wd > 2 (1 + m), whichever of the two is too large."""
     blind_guess = math.log(num_classes)
     if not (train_loss <= DIVERGED_LOSS_FACTOR * blind_guess):  # also catches NaN: it compares False
-        raise UsageError(f"the training loss became {train_loss:.4g} in epoch {epoch}, worse than a blind "
-                         f"guess (ln {num_classes} = {blind_guess:.2f}): the learning rate {lr} makes "
-                         "training diverge; try a smaller --lr")
+        lost = (f"the training loss became {train_loss:.4g} in epoch {epoch}, worse than a blind guess "
+                f"(ln {num_classes} = {blind_guess:.2f})")
+        decay_bound = 2 * (1 + args.momentum)
+        if args.lr * args.weight_decay > decay_bound:
+            raise UsageError(f"{lost}: lr x weight decay = {args.lr} x {args.weight_decay} = "
+                             f"{args.lr * args.weight_decay:.4g} exceeds 2 (1 + momentum) = {decay_bound:.4g}, past "
+                             "which the decay alone makes training diverge; try a smaller --lr or a much "
+                             "smaller --weight-decay")
+        raise UsageError(f"{lost}: the learning rate {args.lr} makes training diverge; try a smaller --lr")
 
 
 def accuracy_of(predictions, labels):

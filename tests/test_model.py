@@ -249,6 +249,16 @@ def test_diverging_learning_rate_is_reported(mnist):
         run_short(mnist, extra=("--lr", "1e6"))
 
 
+def test_a_weight_decay_that_diverges_on_its_own_is_named(mnist):
+    """lr x weight decay = 0.1 x 100 = 10 > 2 (1 + 0.9) = 3.8: the decay alone makes the weights grow
+    without bound (THEORY.md §5), and the message says so rather than blaming the learning rate only."""
+    with pytest.raises(model.UsageError, match=r"in epoch 1, .*: lr x weight decay = 0.1 x 100.0 = 10 exceeds "
+                                               r"2 \(1 \+ momentum\) = 3.8, past which the decay alone makes "
+                                               r"training diverge; try a smaller --lr or a much smaller "
+                                               r"--weight-decay"):
+        run_short(mnist, extra=("--weight-decay", "100"))
+
+
 def test_divergence_stops_the_original_network_too(mnist):
     """The original's clipped loss can never exceed -ln(1e-7) = 16.1; the run must stop all the same."""
     args = model.parse_args(["--preset", "seed", "--lr", "50", "--train-size", "500", "--epochs", "2"])
