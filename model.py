@@ -448,9 +448,40 @@ def read_checkpoint(flag, path):
             stored = {name: archive[name] for name in archive.files}
     except Exception as error:  # np.load raises many types for files that are not .npz archives
         raise UsageError(f"{flag} {path}: not a checkpoint written by --save ({type(error).__name__})") from None
-    if "network" not in stored:
-        raise UsageError(f"{flag} {path}: not a checkpoint written by --save (no network record)")
+    try:
+        check_records(stored)
+    except ValueError as error:
+        raise UsageError(f"{flag} {path}: not a checkpoint written by --save ({error})") from None
     return stored
+
+
+def check_records(stored):
+    """Raises ValueError naming the first of a checkpoint's records (the arrays besides the
+    parameters) that save_checkpoint would not have written."""
+    def record(name):
+        if name not in stored:
+            raise ValueError(f"no {name} record")
+        return stored[name]
+
+    if str(record("network")) not in NETWORKS:
+        raise ValueError(f"a network {str(stored['network'])!r} that this model.py does not know")
+    if "input_shape" in stored:  # checkpoints from before they recorded the data's shape lack both
+        shape, classes = stored["input_shape"], record("num_classes")
+        if shape.dtype.kind not in "iu" or shape.shape != (3,) or (shape < 1).any():
+            raise ValueError(f"input_shape {shape.tolist()}, not (channels, height, width)")
+        if classes.dtype.kind not in "iu" or classes.shape != () or classes < 2:
+            raise ValueError(f"num_classes {classes.tolist()}, not a number of classes")
+    if "run/config" in stored:
+        try:
+            config, epochs = json.loads(str(stored["run/config"])), json.loads(str(record("run/epochs")))
+        except json.JSONDecodeError:
+            raise ValueError("run/config or run/epochs is not JSON") from None
+        if not isinstance(config, dict) or not set(RUN_FLAGS) <= set(config):
+            raise ValueError("run/config does not hold every flag of a run")
+        if not isinstance(epochs, list):
+            raise ValueError("run/epochs is not a list of epochs")
+        if record("run/shuffle_key").shape != (2,) or stored["run/shuffle_key"].dtype != np.uint32:
+            raise ValueError("run/shuffle_key is not a PRNG key")
 
 
 def trained_for(stored):
@@ -474,7 +505,7 @@ def check_checkpoint(stored, network, flag, path):
     if saved_kind != network.kind:
         preset_of = {kind: preset for preset, kind in PRESET_NETWORK.items()}
         raise UsageError(f"{flag} {path}: saved from the {saved_kind!r} network, but this run builds the "
-                         f"{network.kind!r} one; load it with --preset {preset_of.get(saved_kind, '?')}")
+                         f"{network.kind!r} one; load it with --preset {preset_of[saved_kind]}")
     if trained_for(stored) != (network.input_shape, network.num_classes):
         raise UsageError(f"{flag} {path}: trained on {describe_data(*trained_for(stored))}, but this data has "
                          f"{describe_data(network.input_shape, network.num_classes)}; pass --data-dir the "

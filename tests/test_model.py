@@ -310,6 +310,31 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         model.load_checkpoint(str(tmp_path / "absent.npz"), network)
 
 
+@pytest.mark.parametrize("change, why", [
+    (dict(network="resnet"), "a network 'resnet' that this model.py does not know"),
+    (dict(input_shape=[1, 28]), r"input_shape \[1, 28\], not \(channels, height, width\)"),
+    (dict(num_classes=1.5), "num_classes 1.5, not a number of classes"),
+    (dict(**{"run/config": "{not json"}), "run/config or run/epochs is not JSON"),
+    (dict(**{"run/config": "[]"}), "run/config does not hold every flag of a run"),
+    (dict(**{"run/shuffle_key": np.zeros(3, np.uint32)}), "run/shuffle_key is not a PRNG key"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_record(tmp_path, change, why):
+    """Records a --save could not have written: one line naming the record, not a traceback from
+    wherever it would first be used (json, the shape's unpacking, ...)."""
+    network = model.build_network("modern")
+    params = network.init(jax.random.PRNGKey(5))
+    args = model.parse_args([])
+    run = {"config": {name: getattr(args, name) for name in model.RUN_FLAGS}, "epochs": [],
+           "shuffle_key": model.run_keys(0)[1]}
+    model.save_checkpoint(str(tmp_path / "run.npz"), params, network, params, run)
+    with np.load(tmp_path / "run.npz") as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    np.savez(tmp_path / "damaged.npz", **{**arrays, **{name: np.asarray(value) for name, value in change.items()}})
+    for flag in ("--load", "--resume"):
+        with pytest.raises(model.UsageError, match=f"{flag} .*damaged.npz: not a checkpoint written by --save \\({why}\\)"):
+            model.read_checkpoint(flag, str(tmp_path / "damaged.npz"))
+
+
 REFUSALS = [
     (["--epochs", "0"], "--epochs"),
     (["--batch-size", "-1"], "--batch-size"),
