@@ -227,6 +227,13 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results.json"),
                         help="where to write the results (default: %(default)s)")
     args = parser.parse_args(argv)
+    # Refused now, not after minutes of timing.
+    if os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: is a folder; give a file name, such as {os.path.join(args.out, 'results.json')}")
+    try:
+        model.require_writable_folder("--out", args.out, os.path.dirname(os.path.abspath(args.out)))
+    except model.UsageError as error:
+        parser.error(str(error))
     repeats, min_seconds = (1, 0.0) if args.quick else (7, 0.2)
 
     mnist = load_idx(os.path.join(ROOT, "data"))

@@ -18,6 +18,15 @@ import model  # noqa: E402
 from data import load_idx  # noqa: E402
 
 
+def test_benchmark_refuses_an_output_it_could_not_write_before_timing(tmp_path, capsys):
+    for out, fragment in [(tmp_path, "is a folder; give a file name"),
+                          (tmp_path / "file" / "results.json", "is a file, so no folder can be made there")]:
+        (tmp_path / "file").write_text("")
+        with pytest.raises(SystemExit):
+            speed.main(["--out", str(out)])
+        assert fragment in capsys.readouterr().err
+
+
 def test_quick_benchmark_runs_and_writes_results(tmp_path, capsys):
     out = tmp_path / "results.json"
     speed.main(["--quick", "--out", str(out)])
