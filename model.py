@@ -1330,10 +1330,14 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
     if mesh is not None:
         device += f", {mesh.size} devices in {args.num_processes} process{'es' if args.num_processes > 1 else ''}"
     held_out = f", the last {args.val_size} held out for validation" if args.val_size else ""
-    log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
-        f"{args.train_size} training images ({describe_data(network.input_shape, network.num_classes)}){held_out}, "
-        f"batch {args.batch_size}, lr {args.lr}, "
-        f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
+    if args.eval_only:
+        log(f"JAX {jax.__version__} on {device}; evaluating {args.load} ({network_kind} network) on "
+            f"{len(test_images)} test images ({describe_data(network.input_shape, network.num_classes)})")
+    else:
+        log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
+            f"{args.train_size} training images ({describe_data(network.input_shape, network.num_classes)})"
+            f"{held_out}, batch {args.batch_size}, lr {args.lr}, "
+            f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
     if args.val_size:
         eval_name, eval_images, eval_labels = "val", train_images[-args.val_size:], train_labels[-args.val_size:]
     else:
@@ -1380,8 +1384,8 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
                                                   replicated(pad_to_chunks(test_images, mesh), mesh))
         predictions = np.asarray(local(predictions))[:len(test_labels)]
         test_accuracy = accuracy_of(predictions, test_labels)
-        log(f"test accuracy {100 * test_accuracy:.2f}% on {len(test_labels)} images; "
-            f"training {train_seconds:.2f} s (compile {compile_seconds:.2f} s)")
+        trained = "" if args.eval_only else f"; training {train_seconds:.2f} s (compile {compile_seconds:.2f} s)"
+        log(f"test accuracy {100 * test_accuracy:.2f}% on {len(test_labels)} images{trained}")
         metrics = {
             "config": {name: getattr(args, name) for name in sorted(vars(args)) if name != "explicit"},
             "epochs": epochs,

@@ -417,10 +417,14 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
 
     # The checkpoint evaluates to the same accuracy (here in this process: float32 all the same).
+    lines = []
     assert model.main(["--load", str(folder / "net.npz"), "--eval-only", "--out-dir", str(tmp_path / "eval"),
-                       "--data-dir", small_mnist]) == 0
+                       "--data-dir", small_mnist], log=lines.append) == 0
     reloaded = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert reloaded["test_accuracy"] == metrics["test_accuracy"] and reloaded["epochs"] == []
+    # It says what it does: no training flags, no training time.
+    assert f"evaluating {folder / 'net.npz'} (modern network) on 500 test images" in lines[0], lines
+    assert lines[1] == f"test accuracy {100 * metrics['test_accuracy']:.2f}% on 500 images", lines
 
     with pytest.raises(model.UsageError, match="saved from the 'modern' network"):
         model.main(["--preset", "seed", "--load", str(folder / "net.npz"), "--eval-only",
