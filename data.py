@@ -70,7 +70,7 @@ def _read_bytes(data_dir, key):
     if not path.endswith(".gz"):
         return raw, path
     try:
-        # In one piece: reading through gzip.open goes chunk by chunk and joins them, about 20% slower.
+        # In one piece: gzip.open reads chunk by chunk and joins the chunks, which is slower (PERFORMANCE.md).
         return gzip.decompress(raw), path
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path}: not a valid gzip file ({error}); replace it with an intact copy") from None
