@@ -750,9 +750,15 @@ def check_output_paths(args):
         require_writable_folder("--out-dir", args.out_dir, args.out_dir)
     for flag, path in (("--save", args.save), ("--resume", args.resume)):
         if path:
-            if os.path.isdir(path):
-                raise UsageError(f"{flag} {path}: is a folder; give a file name, such as {os.path.join(path, 'run.npz')}")
-            require_writable_folder(flag, path, os.path.dirname(os.path.abspath(path)))
+            require_writable_file(flag, path, "run.npz")
+
+
+def require_writable_file(flag, path, example_name):
+    """Refuses `flag path` unless a file can be written at path: not a folder, and in a folder that
+    is writable or can be made (require_writable_folder). example_name: a file name to suggest."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file name, such as {os.path.join(path, example_name)}")
+    require_writable_folder(flag, path, os.path.dirname(os.path.abspath(path)))
 
 
 def require_writable_folder(flag, path, folder):
@@ -1105,7 +1111,7 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
         loss_axis, accuracy_axis = figure.subplots(1, 2)
         figure.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
         loss_axis.semilogy(epochs, [e["train_loss"] for e in metrics["epochs"]], "o-")
-        # Decades as 0.1, 0.01: matplotlib's default 10^-1 would build its TeX-like parser (0.3 s).
+        # Decades as 0.1, 0.01: matplotlib's default 10^-1 would build its TeX-like parser (PERFORMANCE.md).
         loss_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         loss_axis.set(xlabel="epoch", ylabel="mean training loss (log scale)", title="training loss")
         accuracy_axis.plot(epochs, [100 * e[f"{which}_accuracy"] for e in metrics["epochs"]], "o-", color="C1")
@@ -1330,13 +1336,13 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
     if mesh is not None:
         device += f", {mesh.size} devices in {args.num_processes} process{'es' if args.num_processes > 1 else ''}"
     held_out = f", the last {args.val_size} held out for validation" if args.val_size else ""
+    described = describe_data(network.input_shape, network.num_classes)
     if args.eval_only:
         log(f"JAX {jax.__version__} on {device}; evaluating {args.load} ({network_kind} network) on "
-            f"{len(test_images)} test images ({describe_data(network.input_shape, network.num_classes)})")
+            f"{len(test_images)} test images ({described})")
     else:
         log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
-            f"{args.train_size} training images ({describe_data(network.input_shape, network.num_classes)})"
-            f"{held_out}, batch {args.batch_size}, lr {args.lr}, "
+            f"{args.train_size} training images ({described}){held_out}, batch {args.batch_size}, lr {args.lr}, "
             f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
     if args.val_size:
         eval_name, eval_images, eval_labels = "val", train_images[-args.val_size:], train_labels[-args.val_size:]
