@@ -712,6 +712,8 @@ def check_args(args, available_train_images=None):
     if (args.num_processes > 1) != bool(args.coordinator):
         raise UsageError("several processes need all three of --coordinator HOST:PORT, --num-processes and "
                          "--process-id")
+    if args.coordinator:
+        coordinator_address(args.coordinator)
     if args.join_timeout < 1:
         raise UsageError(f"--join-timeout must be at least 1 second, got {args.join_timeout}")
     total_devices = args.devices * args.num_processes
@@ -1196,14 +1198,12 @@ def rendezvous(args):
     every process then raises. The others close first, so that process 0's port is free at once for
     the runtime's coordinator.
     """
-    host, _, port = args.coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--coordinator {args.coordinator}: expected HOST:PORT, such as 127.0.0.1:12345")
+    host, port = coordinator_address(args.coordinator)
     deadline = time.monotonic() + args.join_timeout
     waiting = f"within --join-timeout {args.join_timeout} s"
     if args.process_id == 0:
         try:
-            server = socket.create_server(("", int(port)))
+            server = socket.create_server(("", port))
         except OSError as error:
             raise UsageError(f"--coordinator {args.coordinator}: process 0 cannot listen on port {port} "
                              f"({error.strerror}); choose a free port, or if a process 0 is running there "
@@ -1233,21 +1233,34 @@ def rendezvous(args):
             raise UsageError(refusal)
         return
     while True:
+        unknown_host = False
         try:
-            with socket.create_connection((host, int(port)), timeout=max(0.01, deadline - time.monotonic())) as link:
+            with socket.create_connection((host, port), timeout=max(0.01, deadline - time.monotonic())) as link:
                 link.sendall(f"{args.process_id} {args.num_processes}".encode())
                 answer = link.recv(1024)
-        except OSError:
-            answer = b""
+        except OSError as error:  # nobody listening yet, or the name not (yet) known: tried again
+            answer, unknown_host = b"", isinstance(error, socket.gaierror)
         if answer == b"go":
             return
         if answer:
             raise UsageError(answer.decode())
         if time.monotonic() >= deadline:
+            if unknown_host:
+                raise UsageError(f"--coordinator {args.coordinator}: no machine called {host} could be found "
+                                 f"{waiting}; give process 0's machine by a name or address this one knows")
             raise UsageError(f"--coordinator {args.coordinator}: process {args.process_id} found no process 0 "
                              f"there, or not every process arrived, {waiting}; start process 0 on that "
                              "machine with the same --coordinator and --num-processes")
         time.sleep(0.2)
+
+
+def coordinator_address(text):
+    """--coordinator's HOST:PORT as (host, port); UsageError (one line) unless it is one. Port 0
+    would let process 0 listen where the others cannot know to look."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--coordinator {text}: expected HOST:PORT, a port 1 to 65535, such as 127.0.0.1:12345")
+    return host, int(port)
 
 
 def joining_refusal(num_processes, arrived):

@@ -358,6 +358,8 @@ REFUSALS = [
     (["--num-processes", "2"], "need all three of --coordinator"),
     (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"], "--process-id must be 0 to 1"),
     (["--coordinator", "nowhere", "--num-processes", "2", "--process-id", "1"], "expected HOST:PORT"),
+    (["--coordinator", "localhost:99999", "--num-processes", "2", "--process-id", "1"], "a port 1 to 65535"),
+    (["--coordinator", "localhost:0", "--num-processes", "2", "--process-id", "0"], "a port 1 to 65535"),
     (["--seed", "2147483648"], "--seed must be -2147483648 to 2147483647"),
     (["--num-processes", "0"], "--num-processes must be at least 1"),
     (["--out-dir", "x.png"], "--out-dir x.png: is a file"),

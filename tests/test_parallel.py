@@ -127,6 +127,14 @@ def test_a_missing_process_is_reported_in_one_line_in_bounded_time(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_coordinator_no_one_knows_is_named_as_such():
+    """A host name that does not resolve: said so, rather than that process 0 was not there."""
+    args = argparse.Namespace(coordinator="nosuchhost.invalid:1234", process_id=1, num_processes=2, join_timeout=1)
+    with pytest.raises(model.UsageError, match="no machine called nosuchhost.invalid could be found within "
+                                               "--join-timeout 1 s"):
+        model.rendezvous(args)
+
+
 @pytest.mark.parametrize("started_as, refusal", [
     ([(0, 3), (1, 3), (1, 3)], "--process-id 1: 2 processes were started with it; give each process its own "
                                "number, 0 to 2"),
