@@ -1372,11 +1372,19 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
             raise UsageError(f"--resume {args.resume}: the run has already done the {args.epochs} "
                              f"epoch{'s' if args.epochs != 1 else ''} it planned; "
                              "evaluate it with --load and --eval-only")
-        log(f"resuming {args.resume} after epoch {len(run['epochs'])}")
+        # The same epochs on another number of devices: each batch's sums are split and added in
+        # another order, so the numbers part from the uninterrupted run's in their last bits.
+        saved_on, devices_now = run["config"].get("devices", 1), 1 if mesh is None else mesh.size
+        moved = (f"; it trained on {saved_on} device{'s' if saved_on != 1 else ''} and continues on {devices_now}, "
+                 "so its sums are split otherwise and its numbers will differ in the last digits from a run "
+                 "never interrupted") if saved_on != devices_now else ""
+        log(f"resuming {args.resume} after epoch {len(run['epochs'])}{moved}")
     else:
         params = network.init(run_keys(args.seed)[0])
     save_path = args.save or args.resume
-    config = {name: getattr(args, name) for name in RUN_FLAGS}
+    # With the flags, the number of devices the run trains on: not a flag of the run (it may change
+    # on resuming), but it decides how each batch's sums are split.
+    config = {**{name: getattr(args, name) for name in RUN_FLAGS}, "devices": 1 if mesh is None else mesh.size}
 
     def checkpoint(params, velocity, shuffle_key, epochs):
         if writes:

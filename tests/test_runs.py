@@ -116,6 +116,27 @@ def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
         model.main(["--resume", str(tmp_path / "done.npz"), "--out-dir", str(tmp_path / "out")])
 
 
+def test_resume_on_another_number_of_devices_says_the_numbers_will_differ(tmp_path, small_mnist):
+    """A run saved while training on 2 devices, resumed here on 1: allowed (a machine may change),
+    but the resumed run cannot equal the uninterrupted one bit for bit, and says so in its line."""
+    args = model.parse_args([*SMALL_CLI_RUN, "--epochs", "2"])
+    network = model.build_network("modern")
+    params = network.init(model.run_keys(0)[0])
+    config = {**{name: getattr(args, name) for name in model.RUN_FLAGS}, "devices": 2}
+    done = [{"epoch": 1, "train_loss": 0.5, "test_accuracy": 0.9, "seconds": 1.0}]
+    model.save_checkpoint(str(tmp_path / "run.npz"), params, network, params,
+                          {"config": config, "shuffle_key": model.run_keys(0)[1], "epochs": done})
+    lines = []
+    assert model.main(["--resume", str(tmp_path / "run.npz"), "--data-dir", small_mnist,
+                       "--out-dir", str(tmp_path / "out")], log=lines.append) == 0
+    assert (f"resuming {tmp_path / 'run.npz'} after epoch 1; it trained on 2 devices and continues on 1, so its "
+            "sums are split otherwise and its numbers will differ in the last digits from a run never "
+            "interrupted") in lines
+    # Saved again, it records the devices it now trains on.
+    with np.load(tmp_path / "run.npz") as archive:
+        assert json.loads(str(archive["run/config"]))["devices"] == 1
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     previous = os.umask(umask)
