@@ -1373,10 +1373,10 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
                              f"epoch{'s' if args.epochs != 1 else ''} it planned; "
                              "evaluate it with --load and --eval-only")
         # The same epochs on another number of devices: each batch's sums are split and added in
-        # another order, so the numbers part from the uninterrupted run's in their last bits.
+        # another order, so the numbers part from the uninterrupted run's, at first in their last bits.
         saved_on, devices_now = run["config"].get("devices", 1), 1 if mesh is None else mesh.size
         moved = (f"; it trained on {saved_on} device{'s' if saved_on != 1 else ''} and continues on {devices_now}, "
-                 "so its sums are split otherwise and its numbers will differ in the last digits from a run "
+                 "so its sums are split otherwise and its numbers will not equal, bit for bit, those of a run "
                  "never interrupted") if saved_on != devices_now else ""
         log(f"resuming {args.resume} after epoch {len(run['epochs'])}{moved}")
     else:

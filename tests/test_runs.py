@@ -130,7 +130,7 @@ def test_resume_on_another_number_of_devices_says_the_numbers_will_differ(tmp_pa
     assert model.main(["--resume", str(tmp_path / "run.npz"), "--data-dir", small_mnist,
                        "--out-dir", str(tmp_path / "out")], log=lines.append) == 0
     assert (f"resuming {tmp_path / 'run.npz'} after epoch 1; it trained on 2 devices and continues on 1, so its "
-            "sums are split otherwise and its numbers will differ in the last digits from a run never "
+            "sums are split otherwise and its numbers will not equal, bit for bit, those of a run never "
             "interrupted") in lines
     # Saved again, it records the devices it now trains on.
     with np.load(tmp_path / "run.npz") as archive:
