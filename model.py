@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from Convolutional import Convolutional
@@ -823,12 +824,18 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
     eval_images, eval_labels: what each epoch is evaluated on, the test or the validation images.
     resume: {"velocity", "shuffle_key", "epochs"} of a run to continue (load_run), or None.
     after_epoch(params, velocity, shuffle_key, epochs): called after every epoch, to checkpoint.
-    stop(): True once the user has asked training to stop; asked before every epoch.
+    stop(): True once the user has asked training to stop; asked before every epoch (with several
+        processes, all stop once one is asked).
     mesh: the devices to split every batch across (data-parallel), or None for one device.
     Raises UsageError naming the epoch if training diverges (check_not_diverged); logs a warning
     the first time an epoch's accuracy is near chance."""
     steps = args.train_size // args.batch_size
     momentum = args.momentum
+    if jax.process_count() > 1:
+        # A Ctrl-C reaches one process of several. All must stop after the same epoch: the others
+        # would otherwise wait forever, in the next epoch's all-reduce, for the one that stopped.
+        asked_here = stop
+        stop = lambda: bool(multihost_utils.process_allgather(np.array(asked_here())).any())  # noqa: E731
     images, labels = replicated((train_images[:args.train_size], train_labels[:args.train_size].astype(np.int32)),
                                 mesh)
     eval_padded = replicated(pad_to_chunks(eval_images, mesh), mesh)
@@ -1397,13 +1404,15 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
         import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg")
     with StopOnInterrupt() as interrupted:
         if args.eval_only:
-            epochs, compile_seconds, train_seconds = [], 0.0, 0.0
+            epochs, compile_seconds, train_seconds, stopped = [], 0.0, 0.0, False
         else:
             params, epochs, compile_seconds, train_seconds = train(
                 network, params, args, train_images[:len(train_images) - args.val_size], train_labels,
                 eval_images, eval_labels, log, eval_name, resume, checkpoint if save_path else None,
                 stop=interrupted, mesh=mesh)
-            if interrupted():
+            # Stopped early: by a Ctrl-C here, or with several processes, in another process.
+            stopped = interrupted() or len(epochs) < args.epochs
+            if stopped:
                 log(f"interrupted: training stopped after epoch {len(epochs)} of {args.epochs}; writing what "
                     "it trained (Ctrl-C again aborts at once)")
 
@@ -1434,7 +1443,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
                 log(f"saved parameters to {save_path}")
         if args.predict and writes:
             classify_drawings(network, params, drawings, log)
-        return 130 if interrupted() else 0
+        return 130 if interrupted() or stopped else 0
 
 
 def exit_now(status):

@@ -8,6 +8,7 @@ model.train. Only the rendezvous before JAX's runtime starts, plain sockets, is 
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,6 +100,30 @@ def test_only_process_zero_writes(runs):
     # Process 1 prints nothing of its own (Gloo, the collectives library, announces its connection).
     assert [line for line in outputs["process 1"][0].splitlines() if not line.startswith("[Gloo]")] == []
     assert not out_dirs["process 1"].exists()
+
+
+def test_ctrl_c_in_one_process_stops_them_all_after_the_same_epoch(tmp_path, small_mnist):
+    """SIGINT to process 1 alone (a Ctrl-C in its terminal) once process 0 has printed an epoch: both
+    stop after the same epoch, process 0 writes what was trained, and both exit with 130. Before,
+    process 1 stopped and went on to evaluate while process 0 began the next epoch, and the two
+    waited for each other's collectives forever."""
+    port = free_port()
+    processes = [model_py("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(rank),
+                          "--epochs", "30", "--out-dir", str(tmp_path / f"rank{rank}"), cwd=tmp_path,
+                          env=CLI_ENVIRONMENT, data_dir=small_mnist) for rank in (0, 1)]
+    lines = []
+    for line in processes[0].stdout:
+        lines.append(line)
+        if line.startswith("epoch "):
+            processes[1].send_signal(signal.SIGINT)
+            break
+    outputs = [process.communicate(timeout=120) for process in processes]
+    output = "".join(lines) + outputs[0][0]
+    assert [process.returncode for process in processes] == [130, 130], (output, outputs)
+    assert "Traceback" not in outputs[0][1] + outputs[1][1]
+    done = epochs_of(tmp_path / "rank0")
+    assert 1 <= len(done) < 30
+    assert f"interrupted: training stopped after epoch {len(done)} of 30" in output
 
 
 def test_more_devices_than_there_are_is_refused(tmp_path):
