@@ -1446,17 +1446,20 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
         return 130 if interrupted() or stopped else 0
 
 
-def exit_now(status):
+def exit_now(status, leave_together=True):
     """Ends the process with status (an int, or a message for stderr and status 1) at once.
 
     By then every file is written and closed, and stdout and stderr are flushed here. Python's own
     shutdown would go on to tear down JAX's runtime object by object, a noticeable part of a short
     run's wall time (PERFORMANCE.md has the numbers). A process of a run of several first leaves
-    JAX's distributed runtime, as Python's shutdown would have done (JAX registers that for exit)."""
+    JAX's distributed runtime, as Python's shutdown would have done (JAX registers that for exit):
+    the processes wait there for each other, so that process 0, which hosts the runtime, ends last.
+    Not so when this process gives up alone (leave_together=False): the others would be waited for
+    in vain, until the runtime gave up on them and ended this process with a fatal error."""
     if isinstance(status, str):
         print(status, file=sys.stderr)
         status = 1
-    if jax.distributed.is_initialized():
+    if leave_together and jax.distributed.is_initialized():
         jax.distributed.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -1474,4 +1477,12 @@ if __name__ == "__main__":
         exit_now(f"model.py: error: {path}: {error.strerror}" if path else f"model.py: error: {error}")
     except KeyboardInterrupt:  # the second Ctrl-C while training or writing (StopOnInterrupt)
         print(STOPPED_BY_CTRL_C, file=sys.stderr)
-        exit_now(130)
+        exit_now(130, leave_together=False)
+    except Exception as error:
+        # On CPUs, a collective between processes that fails because another process of the run has
+        # ended (a second Ctrl-C there, a crash, a lost machine) raises Gloo's error, from JAX's
+        # runtime or from its dispatch, whichever was running.
+        if jax.process_count() == 1 or "Gloo" not in str(error):
+            raise
+        exit_now(f"model.py: error: process {jax.process_index()} lost the other processes of the run "
+                 f"({str(error).splitlines()[0]}); every file written so far is complete", leave_together=False)

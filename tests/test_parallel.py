@@ -126,6 +126,28 @@ def test_ctrl_c_in_one_process_stops_them_all_after_the_same_epoch(tmp_path, sma
     assert f"interrupted: training stopped after epoch {len(done)} of 30" in output
 
 
+def test_a_process_that_dies_ends_the_others_in_one_line(tmp_path, small_mnist):
+    """Process 1 killed outright (a crash, a lost machine) during training: process 0, waiting for it
+    in a collective, ends at once with one line. Before, a traceback, then a wait of a minute and
+    a half in JAX's runtime for the lost process, then a fatal error and a stack trace."""
+    port = free_port()
+    processes = [model_py("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(rank),
+                          "--epochs", "30", "--out-dir", str(tmp_path / f"rank{rank}"), cwd=tmp_path,
+                          env=CLI_ENVIRONMENT, data_dir=small_mnist) for rank in (0, 1)]
+    for line in processes[0].stdout:
+        if line.startswith("epoch "):
+            processes[1].kill()
+            break
+    start = time.monotonic()
+    output, errors = processes[0].communicate(timeout=120)
+    processes[1].communicate()
+    assert processes[0].returncode == 1 and time.monotonic() - start < 30, (output, errors)
+    lines = [line for line in errors.splitlines() if not line.startswith("[Gloo]")]
+    assert len(lines) == 1 and lines[0].startswith("model.py: error: process 0 lost the other processes of the "
+                                                   "run ("), errors
+    assert not (tmp_path / "rank0").exists()
+
+
 def test_more_devices_than_there_are_is_refused(tmp_path):
     result = model_py("--devices", "3", "--batch-size", "63", "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
     out, err = result.communicate(timeout=120)
