@@ -1200,12 +1200,13 @@ def rendezvous(args):
 
     JAX's runtime, left to find a missing process itself, or two processes of one number, ends
     every process with a fatal error and a stack trace; this makes it a sentence instead. Process 0
-    listens; each other process connects, says its number and --num-processes, and waits for process
-    0's answer, sent once all are there: go, or the sentence refusing them (joining_refusal), which
-    every process then raises. The others close first, so that process 0's port is free at once for
-    the runtime's coordinator.
+    listens; each other process connects, says in one JSON line its number, --num-processes and the
+    flags every process must share (SHARED_FLAGS), and waits for process 0's answer, sent once all
+    are there: go, or the sentence refusing them (joining_refusal), which every process then raises.
+    The others close first, so that process 0's port is free at once for the runtime's coordinator.
     """
     host, port = coordinator_address(args.coordinator)
+    flags = {name: getattr(args, name, None) for name in SHARED_FLAGS}
     deadline = time.monotonic() + args.join_timeout
     waiting = f"within --join-timeout {args.join_timeout} s"
     if args.process_id == 0:
@@ -1222,18 +1223,18 @@ def rendezvous(args):
                 try:
                     connection, _ = server.accept()
                     connection.settimeout(max(0.01, deadline - time.monotonic()))
-                    number, processes = (int(word) for word in connection.recv(64).decode().split())
-                    arrived.append((number, processes, connection))
-                except (OSError, ValueError):  # a timeout, or a stranger's connection: ignored
+                    said = json.loads(receive_line(connection))
+                    arrived.append((int(said["process"]), int(said["processes"]), dict(said["flags"]), connection))
+                except (OSError, ValueError, KeyError, TypeError):  # a timeout, or a stranger's connection: ignored
                     if time.monotonic() >= deadline:
-                        joined = sorted([0] + [number for number, _, _ in arrived])
+                        joined = sorted([0] + [number for number, *_ in arrived])
                         raise UsageError(f"--coordinator {args.coordinator}: only processes {joined} of "
                                          f"{args.num_processes} arrived {waiting}; start the others with the "
                                          "same --coordinator and --num-processes") from None
-            refusal = joining_refusal(args.num_processes, [(number, processes) for number, processes, _ in arrived])
-            for _, _, connection in arrived:
+            refusal = joining_refusal(args.num_processes, flags, [said for *said, _ in arrived])
+            for *_, connection in arrived:
                 connection.sendall(b"go" if refusal is None else refusal.encode())
-            for _, _, connection in arrived:
+            for *_, connection in arrived:
                 connection.recv(1)  # returns once the other side has closed
                 connection.close()
         if refusal is not None:
@@ -1243,8 +1244,9 @@ def rendezvous(args):
         unknown_host = False
         try:
             with socket.create_connection((host, port), timeout=max(0.01, deadline - time.monotonic())) as link:
-                link.sendall(f"{args.process_id} {args.num_processes}".encode())
-                answer = link.recv(1024)
+                link.sendall(json.dumps({"process": args.process_id, "processes": args.num_processes,
+                                         "flags": flags}).encode() + b"\n")
+                answer = link.recv(4096)
         except OSError as error:  # nobody listening yet, or the name not (yet) known: tried again
             answer, unknown_host = b"", isinstance(error, socket.gaierror)
         if answer == b"go":
@@ -1270,18 +1272,41 @@ def coordinator_address(text):
     return host, int(port)
 
 
-def joining_refusal(num_processes, arrived):
+# The flags every process of a run must be given alike: each process takes its own steps, and with
+# another learning rate, say, they would part silently; with another batch size or number of
+# epochs, each would wait for collectives the others never start.
+SHARED_FLAGS = RUN_FLAGS + ("devices", "eval_only")
+
+
+def receive_line(connection, limit=65536):
+    """The bytes a peer sends up to and including its first newline (or until it closes, or limit)."""
+    received = b""
+    while not received.endswith(b"\n") and len(received) < limit:
+        chunk = connection.recv(limit)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def joining_refusal(num_processes, flags, arrived):
     """Why the processes that reached process 0 cannot train together, one line, or None if they can.
-    arrived: [(the --process-id, the --num-processes) each other process was started with]."""
-    for number, processes in arrived:
+    flags: process 0's SHARED_FLAGS. arrived: [(the --process-id, the --num-processes, the
+    SHARED_FLAGS) each other process was started with]."""
+    for number, processes, _ in arrived:
         if processes != num_processes:
             return (f"--num-processes: process {number} was started with {processes}, process 0 with "
                     f"{num_processes}; start every process with the same --num-processes")
-    numbers = [number for number, _ in arrived]
+    numbers = [number for number, _, _ in arrived]
     for number in sorted(set(numbers)):
         if numbers.count(number) > 1:
             return (f"--process-id {number}: {numbers.count(number)} processes were started with it; give each "
                     f"process its own number, 0 to {num_processes - 1}")
+    for number, _, their_flags in sorted(arrived, key=lambda said: said[0]):
+        for name in SHARED_FLAGS:
+            if their_flags.get(name) != flags[name]:
+                return (f"{flag_of(name)}: process {number} was started with {their_flags.get(name)}, process 0 "
+                        f"with {flags[name]}; start every process with the same flags but --process-id")
     return None
 
 
