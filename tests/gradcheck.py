@@ -26,6 +26,12 @@ def quick_jit(function, *args):
 def layer_errors_vs_vjp(layer, params, x, d_y):
     """Runs layer.backward and jax.vjp of layer.forward with the same upstream d_y.
     Returns {"d_x": error, "d_<param>": error, ...}, one relative error per array."""
+    return layer_errors_vs_vjp_cases(layer, [(params, x, d_y)])[0]
+
+
+def layer_errors_vs_vjp_cases(layer, cases):
+    """layer_errors_vs_vjp for each (params, x, d_y) of cases, all compiled as one function: one
+    compilation for several shapes is cheaper than one for each. Returns one dict per case."""
 
     def both(params, x, d_y):
         _, cache = layer.forward(params, x)
@@ -34,14 +40,18 @@ def layer_errors_vs_vjp(layer, params, x, d_y):
         reference_grads, reference_d_x = vjp(d_y)
         return ours, (reference_d_x, reference_grads)
 
-    assert jax.eval_shape(lambda: layer.forward(params, x)[0]).shape == d_y.shape
-    (d_x, grads), (reference_d_x, reference_grads) = quick_jit(both, params, x, d_y)
-    assert set(grads) == set(params), "grads must have exactly the keys of params"
-    errors = {"d_x": relative_error(d_x, reference_d_x)}
-    for name in params:
-        assert grads[name].shape == params[name].shape, name
-        errors["d_" + name] = relative_error(grads[name], reference_grads[name])
-    return errors
+    for params, x, d_y in cases:
+        assert jax.eval_shape(lambda: layer.forward(params, x)[0]).shape == d_y.shape
+    results = quick_jit(lambda cases: [both(*case) for case in cases], cases)
+    all_errors = []
+    for (params, _, _), ((d_x, grads), (reference_d_x, reference_grads)) in zip(cases, results):
+        assert set(grads) == set(params), "grads must have exactly the keys of params"
+        errors = {"d_x": relative_error(d_x, reference_d_x)}
+        for name in params:
+            assert grads[name].shape == params[name].shape, name
+            errors["d_" + name] = relative_error(grads[name], reference_grads[name])
+        all_errors.append(errors)
+    return all_errors
 
 
 def numerical_gradient(f, x, h=1e-6):
@@ -62,8 +72,7 @@ def numerical_gradient(f, x, h=1e-6):
 
 def layer_errors_vs_finite_differences(layer, params, x, d_y):
     """Like layer_errors_vs_vjp, judged by finite differences of sum(forward(params, x) * d_y)."""
-    _, cache = layer.forward(params, x)
-    d_x, grads = layer.backward(params, cache, d_y)
+    d_x, grads = quick_jit(lambda p, x, d_y: layer.backward(p, layer.forward(p, x)[1], d_y), params, x, d_y)
     weighted = jax.jit(lambda p, x: jnp.sum(layer.forward(p, x)[0] * d_y))
     errors = {"d_x": relative_error(d_x, numerical_gradient(lambda v: weighted(params, v), x))}
     for name in params:

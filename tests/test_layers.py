@@ -15,7 +15,8 @@ import Convolutional as convolutional_module
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
-from gradcheck import layer_errors_vs_finite_differences, layer_errors_vs_vjp, quick_jit, relative_error
+from gradcheck import (layer_errors_vs_finite_differences, layer_errors_vs_vjp, layer_errors_vs_vjp_cases,
+                       quick_jit, relative_error)
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 from naive import conv_backward_naive, conv_forward_naive
 from windows import windows_along
@@ -156,18 +157,24 @@ def test_convolution_matches_naive_loops():
         assert relative_error(grads["biases"], d_b_naive) <= 1e-12, c
 
 
-@pytest.mark.parametrize("window, stride", [(2, 2), (3, 3), (2, 1), (3, 2), (3, 1), (2, 3), (1, 1)])
-@pytest.mark.parametrize("ties", ["first", "all"])
+WINDOW_STRIDE = [(2, 2), (3, 3), (2, 1), (3, 2), (3, 1), (2, 3), (1, 1)]
+
+
+# The "all" rule differs from "first" only in which offsets count as the maximum: it takes one of each
+# of the backward's three cases (tiling windows, overlapping, with gaps).
+@pytest.mark.parametrize("window, stride, ties", [(*pair, "first") for pair in WINDOW_STRIDE]
+                         + [(2, 2, "all"), (3, 2, "all"), (2, 3, "all")])
 def test_max_pool_matches_vjp(window, stride, ties):
     """Random real inputs have no ties, so both rules must agree with autodiff exactly. Includes
     overlapping windows (stride < window), gaps (stride > window) and sizes that leave a remainder."""
     rng = np.random.default_rng(window * 10 + stride)
     layer = MaxPool(window, stride, ties)
-    worst = {}
+    worst, cases = {}, []
     for C, H, W, N in [(1, 5, 5, 1), (3, 7, 6, 2), (2, 9, 13, 3), (1, 12, 8, 4)]:
         (x,) = random_arrays(rng, (C, H, W, N))
-        d_y = jnp.asarray(rng.standard_normal(layer.output_shape((C, H, W)) + (N,)))
-        for array, error in layer_errors_vs_vjp(layer, {}, x, d_y).items():
+        cases.append(({}, x, jnp.asarray(rng.standard_normal(layer.output_shape((C, H, W)) + (N,)))))
+    for (_, x, _), errors in zip(cases, layer_errors_vs_vjp_cases(layer, cases)):
+        for array, error in errors.items():
             worst[array] = max(worst.get(array, 0.0), error)
             assert error <= VJP_BOUND, f"MaxPool({window}, {stride}, {ties}) on {x.shape}: {error:.2e}"
     report(f"MaxPool({window},{stride},{ties}) vs jax.vjp", worst)
@@ -194,10 +201,13 @@ def test_losses_match_vjp():
     targets = jax.nn.one_hot(jnp.asarray(rng.integers(0, 10, 5)), 10, dtype=F64)
     probabilities = Softmax().forward({}, logits)[0]  # all well inside [1e-7, 1 - 1e-7]: no clipping
     for loss, inputs in [(SoftmaxCrossEntropy(), logits), (CategoricalCrossEntropy(), probabilities)]:
-        value, cache = loss.forward(inputs, targets)
-        reference_value, reference_grad = jax.value_and_grad(lambda v: loss.forward(v, targets)[0])(inputs)
+        def ours_and_autodiff(inputs, targets):
+            value, cache = loss.forward(inputs, targets)
+            return (value, loss.backward(cache)) + jax.value_and_grad(lambda v: loss.forward(v, targets)[0])(inputs)
+
+        value, grad, reference_value, reference_grad = quick_jit(ours_and_autodiff, inputs, targets)
         assert relative_error(value, reference_value) <= 1e-14
-        error = relative_error(loss.backward(cache), reference_grad)
+        error = relative_error(grad, reference_grad)
         report(f"{type(loss).__name__} vs jax.grad", {"d_input": error})
         assert error <= VJP_BOUND
 
@@ -262,6 +272,17 @@ TIED_INPUT = [[1, 1, 0, 2],
               [0, 3, 1, 5]]
 
 
+def pool_forward_and_backward(layer, image, d_y):
+    """One channel, one sample: the pooled image and the gradient the backward sends to the image."""
+    def forward_and_backward(x, d_y):
+        y, cache = layer.forward({}, x)
+        return y, layer.backward({}, cache, d_y)[0]
+
+    y, d_x = quick_jit(forward_and_backward, jnp.asarray(image, F64)[None, :, :, None],
+                       jnp.asarray(d_y, F64)[None, :, :, None])
+    return y[0, :, :, 0], d_x[0, :, :, 0]
+
+
 @pytest.mark.parametrize("ties, expected", [
     # "first": the first maximum in row-major order inside each window takes the whole gradient.
     ("first", [[1, 0, 0, 2],
@@ -275,12 +296,9 @@ TIED_INPUT = [[1, 1, 0, 2],
              [0, 3, 0, 4]]),
 ])
 def test_max_pool_tie_rules_tiled(ties, expected):
-    layer = MaxPool(2, 2, ties)
-    x = jnp.asarray(TIED_INPUT, F64)[None, :, :, None]
-    y, cache = layer.forward({}, x)
-    np.testing.assert_array_equal(y[0, :, :, 0], [[1, 2], [3, 5]])
-    d_x, _ = layer.backward({}, cache, jnp.asarray([[1.0, 2.0], [3.0, 4.0]])[None, :, :, None])
-    np.testing.assert_array_equal(d_x[0, :, :, 0], expected)
+    y, d_x = pool_forward_and_backward(MaxPool(2, 2, ties), TIED_INPUT, [[1.0, 2.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(y, [[1, 2], [3, 5]])
+    np.testing.assert_array_equal(d_x, expected)
 
 
 @pytest.mark.parametrize("ties, expected", [
@@ -289,12 +307,9 @@ def test_max_pool_tie_rules_tiled(ties, expected):
     ("all", [[1, 11, 10], [0, 0, 0]]),
 ])
 def test_max_pool_tie_rules_overlapping(ties, expected):
-    layer = MaxPool(2, 1, ties)
-    x = jnp.asarray([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])[None, :, :, None]
-    y, cache = layer.forward({}, x)
-    np.testing.assert_array_equal(y[0, :, :, 0], [[1, 1]])
-    d_x, _ = layer.backward({}, cache, jnp.asarray([[1.0, 10.0]])[None, :, :, None])
-    np.testing.assert_array_equal(d_x[0, :, :, 0], expected)
+    y, d_x = pool_forward_and_backward(MaxPool(2, 1, ties), [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [[1.0, 10.0]])
+    np.testing.assert_array_equal(y, [[1, 1]])
+    np.testing.assert_array_equal(d_x, expected)
 
 
 def test_parameter_shapes_and_init():
