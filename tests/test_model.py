@@ -4,7 +4,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 
@@ -120,8 +119,8 @@ DEFAULT_RUN_FIRST_EPOCHS = [("0.2030", "97.50"), ("0.0728", "97.42")]
 
 
 def test_default_run_begins_as_readme_shows(tmp_path):
-    """`python model.py` as a user runs it, stopped by Ctrl-C once its second epoch is printed (it
-    then stops before the next epoch, or after it): its first two epochs as README.md prints them.
+    """`python model.py` as a user runs it, stopped once its second epoch is printed: its first two
+    epochs as README.md prints them.
     To the digit where README's run was made, an x86-64 CPU whose products XLA shares out over 2
     cores (README.md: on one core epoch 1 reads 97.54%); elsewhere the sums are added in another
     order, and the numbers must only be close. A change that moves the default run's trajectory at
@@ -133,10 +132,10 @@ def test_default_run_begins_as_readme_shows(tmp_path):
     for line in process.stdout:
         lines.append(line)
         if line.startswith("epoch   2/"):
-            process.send_signal(signal.SIGINT)
             break
-    output = "".join(lines) + process.communicate(timeout=300)[0]
-    assert process.returncode == 130, output
+    process.kill()  # the rest of the run is not needed
+    process.communicate()
+    output = "".join(lines)
     epochs = re.findall(r"^epoch +\d+/15  train loss (\d\.\d{4})  test accuracy +(\d+\.\d\d)%", output, re.MULTILINE)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     as_in_readme = jax.default_backend() == "cpu" and platform.machine() == "x86_64" and cores == 2
