@@ -834,8 +834,8 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
     if jax.process_count() > 1:
         # A Ctrl-C reaches one process of several. All must stop after the same epoch: the others
         # would otherwise wait forever, in the next epoch's all-reduce, for the one that stopped.
-        asked_here = stop
-        stop = lambda: bool(multihost_utils.process_allgather(np.array(asked_here())).any())  # noqa: E731
+        def stop(asked_here=stop):
+            return bool(multihost_utils.process_allgather(np.array(asked_here())).any())
     images, labels = replicated((train_images[:args.train_size], train_labels[:args.train_size].astype(np.int32)),
                                 mesh)
     eval_padded = replicated(pad_to_chunks(eval_images, mesh), mesh)
@@ -1507,7 +1507,7 @@ if __name__ == "__main__":
         # On CPUs, a collective between processes that fails because another process of the run has
         # ended (a second Ctrl-C there, a crash, a lost machine) raises Gloo's error, from JAX's
         # runtime or from its dispatch, whichever was running.
-        if jax.process_count() == 1 or "Gloo" not in str(error):
+        if not jax.distributed.is_initialized() or "Gloo" not in str(error):
             raise
         exit_now(f"model.py: error: process {jax.process_index()} lost the other processes of the run "
                  f"({str(error).splitlines()[0]}); every file written so far is complete", leave_together=False)
