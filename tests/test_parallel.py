@@ -43,19 +43,24 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def two_processes(folder, data_dir, *flags):
+    """model.py as processes 0 and 1 of a run on localhost, one device each, writing to folder/rank0
+    and folder/rank1."""
+    port = free_port()
+    return [model_py("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(rank),
+                     *flags, "--out-dir", str(folder / f"rank{rank}"), cwd=folder, env=CLI_ENVIRONMENT,
+                     data_dir=data_dir) for rank in (0, 1)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_mnist, small_run):
     """The same run three ways: on one device (conftest's small_run, with these flags); on two host
     devices in one process; in two processes of one device each, joined on localhost. The last two
     at once. Returns {name: (stdout, stderr)} and {name: its out-dir}."""
     folder = tmp_path_factory.mktemp("parallel")
-    port = free_port()
     processes = {"two devices": model_py("--devices", "2", "--out-dir", str(folder / "two"), cwd=folder,
                                          data_dir=small_mnist)}
-    for rank in (0, 1):
-        processes[f"process {rank}"] = model_py("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                                                "--process-id", str(rank), "--out-dir", str(folder / f"rank{rank}"),
-                                                cwd=folder, env=CLI_ENVIRONMENT, data_dir=small_mnist)
+    processes["process 0"], processes["process 1"] = two_processes(folder, small_mnist)
     outputs = {name: process.communicate(timeout=400) for name, process in processes.items()}
     for name, process in processes.items():
         assert process.returncode == 0, (name, outputs[name])
@@ -107,10 +112,7 @@ def test_ctrl_c_in_one_process_stops_them_all_after_the_same_epoch(tmp_path, sma
     stop after the same epoch, process 0 writes what was trained, and both exit with 130. Before,
     process 1 stopped and went on to evaluate while process 0 began the next epoch, and the two
     waited for each other's collectives forever."""
-    port = free_port()
-    processes = [model_py("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(rank),
-                          "--epochs", "30", "--out-dir", str(tmp_path / f"rank{rank}"), cwd=tmp_path,
-                          env=CLI_ENVIRONMENT, data_dir=small_mnist) for rank in (0, 1)]
+    processes = two_processes(tmp_path, small_mnist, "--epochs", "30")
     lines = []
     for line in processes[0].stdout:
         lines.append(line)
@@ -130,10 +132,7 @@ def test_a_process_that_dies_ends_the_others_in_one_line(tmp_path, small_mnist):
     """Process 1 killed outright (a crash, a lost machine) during training: process 0, waiting for it
     in a collective, ends at once with one line. Before, a traceback, then a wait of a minute and
     a half in JAX's runtime for the lost process, then a fatal error and a stack trace."""
-    port = free_port()
-    processes = [model_py("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(rank),
-                          "--epochs", "30", "--out-dir", str(tmp_path / f"rank{rank}"), cwd=tmp_path,
-                          env=CLI_ENVIRONMENT, data_dir=small_mnist) for rank in (0, 1)]
+    processes = two_processes(tmp_path, small_mnist, "--epochs", "30")
     for line in processes[0].stdout:
         if line.startswith("epoch "):
             processes[1].kill()
