@@ -26,25 +26,28 @@ def quick_jit(function, *args):
 def layer_errors_vs_vjp(layer, params, x, d_y):
     """Runs layer.backward and jax.vjp of layer.forward with the same upstream d_y.
     Returns {"d_x": error, "d_<param>": error, ...}, one relative error per array."""
-    return layer_errors_vs_vjp_cases(layer, [(params, x, d_y)])[0]
+    return layer_errors_vs_vjp_cases([(layer, params, x, d_y)])[0]
 
 
-def layer_errors_vs_vjp_cases(layer, cases):
-    """layer_errors_vs_vjp for each (params, x, d_y) of cases, all compiled as one function: one
-    compilation for several shapes is cheaper than one for each. Returns one dict per case."""
+def layer_errors_vs_vjp_cases(cases):
+    """layer_errors_vs_vjp for each (layer, params, x, d_y) of cases, all compiled as one function:
+    one compilation for several layers and shapes is cheaper than one for each. Returns one dict
+    per case."""
 
-    def both(params, x, d_y):
+    def both(layer, params, x, d_y):
         _, cache = layer.forward(params, x)
         ours = layer.backward(params, cache, d_y)
         _, vjp = jax.vjp(lambda p, x: layer.forward(p, x)[0], params, x)
         reference_grads, reference_d_x = vjp(d_y)
         return ours, (reference_d_x, reference_grads)
 
-    for params, x, d_y in cases:
+    for layer, params, x, d_y in cases:
         assert jax.eval_shape(lambda: layer.forward(params, x)[0]).shape == d_y.shape
-    results = quick_jit(lambda cases: [both(*case) for case in cases], cases)
+    layers = [layer for layer, *_ in cases]
+    arrays = [arrays for _, *arrays in cases]
+    results = quick_jit(lambda arrays: [both(layer, *case) for layer, case in zip(layers, arrays)], arrays)
     all_errors = []
-    for (params, _, _), ((d_x, grads), (reference_d_x, reference_grads)) in zip(cases, results):
+    for (_, params, _, _), ((d_x, grads), (reference_d_x, reference_grads)) in zip(cases, results):
         assert set(grads) == set(params), "grads must have exactly the keys of params"
         errors = {"d_x": relative_error(d_x, reference_d_x)}
         for name in params:

@@ -91,9 +91,9 @@ def test_convolution_matches_vjp_over_random_configurations():
                [("C", {1, 2, 3}), ("S", {1, 2, 3}), ("P", {0, 1, 2}), ("N", {1, 2, 3, 4})])
     # Both ways of building the im2col patches (Convolutional._patch_blocks), each in a batch.
     assert {c["C"] == 1 and c["K"] <= 3 for c in configs if c["N"] > 1} == {True, False}
-    for c in configs:
-        layer, params, x, d_y = conv_case(c, rng)
-        for array, error in layer_errors_vs_vjp(layer, params, x, d_y).items():
+    cases = [conv_case(c, rng) for c in configs]
+    for c, errors in zip(configs, layer_errors_vs_vjp_cases(cases)):
+        for array, error in errors.items():
             worst[array] = max(worst.get(array, 0.0), error)
             assert error <= VJP_BOUND, f"Convolutional {c}: {array} relative error {error:.2e}"
     report("Convolutional vs jax.vjp", worst)
@@ -172,8 +172,8 @@ def test_max_pool_matches_vjp(window, stride, ties):
     worst, cases = {}, []
     for C, H, W, N in [(1, 5, 5, 1), (3, 7, 6, 2), (2, 9, 13, 3), (1, 12, 8, 4)]:
         (x,) = random_arrays(rng, (C, H, W, N))
-        cases.append(({}, x, jnp.asarray(rng.standard_normal(layer.output_shape((C, H, W)) + (N,)))))
-    for (_, x, _), errors in zip(cases, layer_errors_vs_vjp_cases(layer, cases)):
+        cases.append((layer, {}, x, jnp.asarray(rng.standard_normal(layer.output_shape((C, H, W)) + (N,)))))
+    for (_, _, x, _), errors in zip(cases, layer_errors_vs_vjp_cases(cases)):
         for array, error in errors.items():
             worst[array] = max(worst.get(array, 0.0), error)
             assert error <= VJP_BOUND, f"MaxPool({window}, {stride}, {ties}) on {x.shape}: {error:.2e}"

@@ -441,6 +441,9 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("JAX ") and "preset 'default'" in result.stdout
     assert "epoch   2/2" in result.stdout and "class 7;" in result.stdout
+    # The checkpoint records, beside the run's flags, the devices it trained on (see --resume).
+    with np.load(folder / "net.npz") as archive:
+        assert json.loads(str(archive["run/config"]))["devices"] == 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"config", "epochs", "test_accuracy", "train_seconds", "compile_seconds", "jax_version",
             "device"} <= set(metrics)

@@ -127,14 +127,21 @@ def test_resume_on_another_number_of_devices_says_the_numbers_will_differ(tmp_pa
     model.save_checkpoint(str(tmp_path / "run.npz"), params, network, params,
                           {"config": config, "shuffle_key": model.run_keys(0)[1], "epochs": done})
     lines = []
-    assert model.main(["--resume", str(tmp_path / "run.npz"), "--data-dir", small_mnist,
-                       "--out-dir", str(tmp_path / "out")], log=lines.append) == 0
-    assert (f"resuming {tmp_path / 'run.npz'} after epoch 1; it trained on 2 devices and continues on 1, so its "
-            "sums are split otherwise and its numbers will not equal, bit for bit, those of a run never "
-            "interrupted") in lines
-    # Saved again, it records the devices it now trains on.
-    with np.load(tmp_path / "run.npz") as archive:
-        assert json.loads(str(archive["run/config"]))["devices"] == 1
+
+    class Resumed(Exception):
+        """Raised once the run has said it resumes: what follows is any run's training."""
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("resuming"):
+            raise Resumed
+
+    with pytest.raises(Resumed):
+        model.main(["--resume", str(tmp_path / "run.npz"), "--data-dir", small_mnist, "--out-dir", str(tmp_path / "out")],
+                   log=log)
+    assert lines[-1] == (f"resuming {tmp_path / 'run.npz'} after epoch 1; it trained on 2 devices and continues on 1, "
+                         "so its sums are split otherwise and its numbers will not equal, bit for bit, those of a run "
+                         "never interrupted")
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
