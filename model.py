@@ -1207,6 +1207,7 @@ def rendezvous(args):
     """
     host, port = coordinator_address(args.coordinator)
     flags = {name: getattr(args, name, None) for name in SHARED_FLAGS}
+    flags.update({name: bool(getattr(args, name, None)) for name in SHARED_PATH_FLAGS})
     deadline = time.monotonic() + args.join_timeout
     waiting = f"within --join-timeout {args.join_timeout} s"
     if args.process_id == 0:
@@ -1276,6 +1277,9 @@ def coordinator_address(text):
 # another learning rate, say, they would part silently; with another batch size or number of
 # epochs, each would wait for collectives the others never start.
 SHARED_FLAGS = RUN_FLAGS + ("devices", "eval_only")
+# Flags every process must be given or not given alike, whatever path each names on its machine: a
+# process without --load would start from other parameters, one without --resume from epoch 0.
+SHARED_PATH_FLAGS = ("load", "resume")
 
 
 def receive_line(connection, limit=65536):
@@ -1291,8 +1295,8 @@ def receive_line(connection, limit=65536):
 
 def joining_refusal(num_processes, flags, arrived):
     """Why the processes that reached process 0 cannot train together, one line, or None if they can.
-    flags: process 0's SHARED_FLAGS. arrived: [(the --process-id, the --num-processes, the
-    SHARED_FLAGS) each other process was started with]."""
+    flags: process 0's SHARED_FLAGS, and whether it was given each of SHARED_PATH_FLAGS. arrived:
+    [(the --process-id, the --num-processes, those flags) each other process was started with]."""
     for number, processes, _ in arrived:
         if processes != num_processes:
             return (f"--num-processes: process {number} was started with {processes}, process 0 with "
@@ -1303,11 +1307,20 @@ def joining_refusal(num_processes, flags, arrived):
             return (f"--process-id {number}: {numbers.count(number)} processes were started with it; give each "
                     f"process its own number, 0 to {num_processes - 1}")
     for number, _, their_flags in sorted(arrived, key=lambda said: said[0]):
-        for name in SHARED_FLAGS:
+        for name in flags:
             if their_flags.get(name) != flags[name]:
-                return (f"{flag_of(name)}: process {number} was started with {their_flags.get(name)}, process 0 "
-                        f"with {flags[name]}; start every process with the same flags but --process-id")
+                return (f"{flag_of(name)}: process {number} was started {as_given(name, their_flags.get(name))}, "
+                        f"process 0 {as_given(name, flags[name])}; start every process with the same flags but "
+                        "--process-id")
     return None
+
+
+def as_given(name, value):
+    """How a process was started with a flag, in joining_refusal's words: a path flag given or not,
+    any other with its value."""
+    if name in SHARED_PATH_FLAGS:
+        return "with it" if value else "without it"
+    return f"with {value}"
 
 
 def make_mesh(args):

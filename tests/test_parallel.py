@@ -186,21 +186,23 @@ def test_a_coordinator_no_one_knows_is_named_as_such():
                                "number, 0 to 2"),
     ([(0, 3), (1, 2), (2, 3)], "--num-processes: process 1 was started with 2, process 0 with 3; start every "
                                "process with the same --num-processes"),
-    ([(0, 3), (1, 3), (2, 3, 0.05)], "--lr: process 2 was started with 0.05, process 0 with 0.1; start every "
-                                     "process with the same flags but --process-id"),
+    ([(0, 3), (1, 3), (2, 3, "--lr", "0.05")], "--lr: process 2 was started with 0.05, process 0 with 0.1; start "
+                                               "every process with the same flags but --process-id"),
+    ([(0, 2, "--resume", "run.npz"), (1, 2)], "--resume: process 1 was started without it, process 0 with it; "
+                                              "start every process with the same flags but --process-id"),
 ])
 def test_processes_that_cannot_train_together_are_all_refused_in_one_line(started_as, refusal):
     """Two processes of one number, started for different numbers of processes, or with different
     flags: JAX's runtime would abort every one of them with a stack trace, or wait forever, or (another
     learning rate) they would train apart in silence. The rendezvous before it refuses them all,
-    process 0 and the others, with the same line. Each (--process-id, --num-processes[, --lr]) here is
-    a thread."""
+    process 0 and the others, with the same line. Each (--process-id, --num-processes, other flags)
+    here is a thread."""
     port = free_port()
     outcome = {}
 
-    def join(index, process_id, num_processes, lr=0.1):
+    def join(index, process_id, num_processes, *flags):
         args = model.parse_args(["--coordinator", f"127.0.0.1:{port}", "--process-id", str(process_id),
-                                 "--num-processes", str(num_processes), "--join-timeout", "20", "--lr", str(lr)])
+                                 "--num-processes", str(num_processes), "--join-timeout", "20", *flags])
         try:
             model.rendezvous(args)
             outcome[index] = "joined"
