@@ -884,12 +884,14 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
             f"{eval_name} accuracy {100 * accuracy:6.2f}%  {seconds:7.3f} s")
         if after_epoch is not None:
             after_epoch(local(params), local(velocity), shuffle_key, epochs)
-        if not warned_near_chance and accuracy < chance + NEAR_CHANCE:
+        # Where nearly every image is of one class (a validation set of a few images), answering it
+        # is nearly perfect, and nearness to chance says nothing.
+        if not warned_near_chance and accuracy < chance + NEAR_CHANCE and chance < 1 - NEAR_CHANCE:
             warned_near_chance = True
             log(f"warning: {eval_name} accuracy {100 * accuracy:.2f}% in epoch {epoch + 1} is within "
                 f"{100 * NEAR_CHANCE:.0f} points of chance ({100 * chance:.2f}%, always answering the most "
                 f"common class): the learning rate {args.lr} may be too high, or too low for "
-                f"{args.epochs} epochs, or the labels may not belong to the images")
+                f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, or the labels may not belong to the images")
     return local(params), epochs, compile_seconds, train_seconds
 
 

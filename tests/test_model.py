@@ -314,6 +314,11 @@ def test_accuracy_near_chance_is_warned_about_once(mnist):
     learned = []
     run_short(mnist, extra=("--epochs", "1"), log=learned.append)
     assert not [line for line in learned if line.startswith("warning:")], learned
+    # Evaluated on a single image (--val-size 1), always answering its class is chance, and perfect.
+    single = []
+    model.train(network, network.init(model.run_keys(0)[0]), args, train_images, shuffled, test_images[:1],
+                test_labels[:1], log=single.append)
+    assert not [line for line in single if line.startswith("warning:")], single
 
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
