@@ -38,8 +38,9 @@ class DataError(Exception):
     """A data file is missing or not what it should be; the message is one line for the user."""
 
 
-def dimensions(count):
-    return f"{count} dimension{'' if count == 1 else 's'}"
+def counted(count, word, plural=None):
+    """count and the word for one thing, in the plural unless count is 1: "1 dimension", "3 dimensions"."""
+    return f"{count} {word if count == 1 else plural or word + 's'}"
 
 
 def _names(key):
@@ -102,9 +103,9 @@ def _parse_idx(raw, path, magics):
     if found_magic not in magics:
         # The magic number is 0, 0, a data-type code (0x08: unsigned byte), the number of dimensions.
         type_code, found_dims = raw[2], raw[3]
-        allowed = " or ".join(f"{magic} ({dimensions(dims)})" for magic, dims in magics.items())
-        raise DataError(f"{path}: magic number {found_magic} (type code 0x{type_code:02X}, {dimensions(found_dims)}"
-                        f"), expected {allowed} of type 0x08, unsigned bytes, for "
+        allowed = " or ".join(f"{magic} ({counted(dims, 'dimension')})" for magic, dims in magics.items())
+        raise DataError(f"{path}: magic number {found_magic} (type code 0x{type_code:02X}, "
+                        f"{counted(found_dims, 'dimension')}), expected {allowed} of type 0x08, unsigned bytes, for "
                         f"{'labels' if LABEL_MAGIC in magics else 'images'}; "
                         "is this the right file under the right name?")
     dims = magics[found_magic]

@@ -62,7 +62,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
-from data import SHIPPED_MNIST, DataError, dataset_file, image_size, load_idx, number_of_classes
+from data import SHIPPED_MNIST, DataError, counted, dataset_file, image_size, load_idx, number_of_classes
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 
 PRESETS = {
@@ -333,9 +333,14 @@ def make_predict(network, mesh=None):
     return jax.jit(predict)
 
 
+def device_count(mesh=None):
+    """How many devices a run trains and evaluates on: the mesh's, or the one device without a mesh."""
+    return 1 if mesh is None else mesh.size
+
+
 def eval_chunk(mesh=None):
     """Test images per compiled evaluation step: EVAL_CHUNK, rounded up to split evenly over the mesh."""
-    devices = 1 if mesh is None else mesh.size
+    devices = device_count(mesh)
     return -(-EVAL_CHUNK // devices) * devices
 
 
@@ -891,7 +896,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
             log(f"warning: {eval_name} accuracy {100 * accuracy:.2f}% in epoch {epoch + 1} is within "
                 f"{100 * NEAR_CHANCE:.0f} points of chance ({100 * chance:.2f}%, always answering the most "
                 f"common class): the learning rate {args.lr} may be too high, or too low for "
-                f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}, or the labels may not belong to the images")
+                f"{counted(args.epochs, 'epoch')}, or the labels may not belong to the images")
     return local(params), epochs, compile_seconds, train_seconds
 
 
@@ -1332,8 +1337,8 @@ def make_mesh(args):
     if args.devices > len(available):
         hint = (f"; on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={args.devices} set before "
                 "starting makes that many" if available[0].platform == "cpu" else "")
-        raise UsageError(f"--devices {args.devices}: this process has {len(available)} "
-                         f"{available[0].platform} device{'s' if len(available) > 1 else ''}{hint}")
+        raise UsageError(f"--devices {args.devices}: this process has "
+                         f"{counted(len(available), available[0].platform + ' device')}{hint}")
     if args.devices * args.num_processes == 1:
         return None
     devices = [device for device in jax.devices()
@@ -1394,7 +1399,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
 
     device = describe_device()
     if mesh is not None:
-        device += f", {mesh.size} devices in {args.num_processes} process{'es' if args.num_processes > 1 else ''}"
+        device += f", {mesh.size} devices in {counted(args.num_processes, 'process', 'processes')}"
     held_out = f", the last {args.val_size} held out for validation" if args.val_size else ""
     described = describe_data(network.input_shape, network.num_classes)
     if args.eval_only:
@@ -1416,13 +1421,12 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
         params, velocity, run = load_run(stored_run, args.resume, network)
         resume = {"velocity": velocity, "shuffle_key": run["shuffle_key"], "epochs": run["epochs"]}
         if len(run["epochs"]) >= args.epochs:
-            raise UsageError(f"--resume {args.resume}: the run has already done the {args.epochs} "
-                             f"epoch{'s' if args.epochs != 1 else ''} it planned; "
-                             "evaluate it with --load and --eval-only")
+            raise UsageError(f"--resume {args.resume}: the run has already done the {counted(args.epochs, 'epoch')} "
+                             "it planned; evaluate it with --load and --eval-only")
         # The same epochs on another number of devices: each batch's sums are split and added in
         # another order, so the numbers part from the uninterrupted run's, at first in their last bits.
-        saved_on, devices_now = run["config"].get("devices", 1), 1 if mesh is None else mesh.size
-        moved = (f"; it trained on {saved_on} device{'s' if saved_on != 1 else ''} and continues on {devices_now}, "
+        saved_on, devices_now = run["config"].get("devices", 1), device_count(mesh)
+        moved = (f"; it trained on {counted(saved_on, 'device')} and continues on {devices_now}, "
                  "so its sums are split otherwise and its numbers will not equal, bit for bit, those of a run "
                  "never interrupted") if saved_on != devices_now else ""
         log(f"resuming {args.resume} after epoch {len(run['epochs'])}{moved}")
@@ -1431,7 +1435,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
     save_path = args.save or args.resume
     # With the flags, the number of devices the run trains on: not a flag of the run (it may change
     # on resuming), but it decides how each batch's sums are split.
-    config = {**{name: getattr(args, name) for name in RUN_FLAGS}, "devices": 1 if mesh is None else mesh.size}
+    config = {**{name: getattr(args, name) for name in RUN_FLAGS}, "devices": device_count(mesh)}
 
     def checkpoint(params, velocity, shuffle_key, epochs):
         if writes:
@@ -1470,7 +1474,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
             "compile_seconds": compile_seconds,
             "jax_version": jax.__version__,
             "device": device,
-            "devices": 1 if mesh is None else mesh.size,
+            "devices": device_count(mesh),
             "processes": args.num_processes,
         }
         if writes:
