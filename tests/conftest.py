@@ -63,10 +63,21 @@ def run_cli(*flags, cwd):
     """model.py in a fresh interpreter, as a user runs it: float32, none of this suite's settings
     but full-precision matrix products and the session's compilation cache, reading the shipped
     MNIST unless --data-dir is among the flags."""
+    return subprocess.run(cli_command(flags), capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env=CLI_ENVIRONMENT)
+
+
+def start_cli(*flags, cwd, env=None):
+    """run_cli's model.py, started and left running, its output and errors pipes to read as it goes;
+    env replaces CLI_ENVIRONMENT."""
+    return subprocess.Popen(cli_command(flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                            env=env or CLI_ENVIRONMENT)
+
+
+def cli_command(flags):
     if "--data-dir" not in flags:
         flags += ("--data-dir", os.path.join(ROOT, "data"))
-    return subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), *flags], capture_output=True,
-                          text=True, cwd=cwd, timeout=600, env=CLI_ENVIRONMENT)
+    return [sys.executable, os.path.join(ROOT, "model.py"), *flags]
 
 
 CLI_ENVIRONMENT = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest", **COMPILATION_CACHE)

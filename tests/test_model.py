@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import model
-from conftest import CLI_ENVIRONMENT, ROOT, run_cli
+from conftest import CLI_ENVIRONMENT, ROOT, run_cli, start_cli
 from data import load_idx
 from gradcheck import quick_jit, relative_error
 
@@ -125,9 +125,7 @@ def test_default_run_begins_as_readme_shows(tmp_path):
     cores (README.md: on one core epoch 1 reads 97.54%); elsewhere the sums are added in another
     order, and the numbers must only be close. A change that moves the default run's trajectory at
     all (its gradients, its schedule, its shuffle, its initialisation) breaks the former."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "model.py"), "--out-dir", str(tmp_path / "out")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               env=CLI_ENVIRONMENT)
+    process = start_cli("--out-dir", str(tmp_path / "out"), cwd=tmp_path)
     lines = []
     for line in process.stdout:
         lines.append(line)

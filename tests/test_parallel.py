@@ -10,15 +10,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 import model
-from conftest import CLI_ENVIRONMENT, ROOT, SMALL_CLI_RUN
+from conftest import CLI_ENVIRONMENT, ROOT, SMALL_CLI_RUN, start_cli
 
 RUN = (*SMALL_CLI_RUN, "--epochs", "2")
 
@@ -28,9 +26,7 @@ def two_host_devices():
 
 
 def model_py(*flags, cwd, env=None, data_dir=os.path.join(ROOT, "data")):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "model.py"), *RUN, *flags, "--data-dir", data_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env=env or two_host_devices())
+    return start_cli(*RUN, *flags, "--data-dir", data_dir, cwd=cwd, env=env or two_host_devices())
 
 
 def epochs_of(out_dir):

@@ -4,8 +4,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -14,7 +12,7 @@ import pytest
 from PIL import Image
 
 import model
-from conftest import CLI_ENVIRONMENT, ROOT, SMALL_CLI_RUN, run_cli
+from conftest import ROOT, SMALL_CLI_RUN, run_cli, start_cli
 from data import load_idx
 
 SMALL_RUN = (*SMALL_CLI_RUN, "--epochs", "6")
@@ -35,10 +33,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, smal
     where in one line, writes its outputs and checkpoint, and exits with 130. --resume then finishes
     it with the same parameters, bit for bit, and the same per-epoch table as a run never stopped."""
     def start(name):
-        command = [sys.executable, os.path.join(ROOT, "model.py"), *SMALL_RUN, "--data-dir", small_mnist,
-                   "--out-dir", str(tmp_path / name), "--save", str(tmp_path / f"{name}.npz")]
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                                env=CLI_ENVIRONMENT)
+        return start_cli(*SMALL_RUN, "--data-dir", small_mnist, "--out-dir", str(tmp_path / name), "--save",
+                         str(tmp_path / f"{name}.npz"), cwd=tmp_path)
 
     # The run never stopped goes alongside the other two (a second core shortens the test).
     straight = start("straight")
@@ -81,9 +77,7 @@ def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
     """SIGINT half a second after starting, while JAX is still being imported: Python's own
     KeyboardInterrupt there printed a traceback, or was swallowed by one of JAX's callbacks and the
     run went on. Now: one line, status 130, nothing written."""
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "model.py"), "--out-dir", str(tmp_path / "out")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               env=CLI_ENVIRONMENT)
+    process = start_cli("--out-dir", str(tmp_path / "out"), cwd=tmp_path)
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
     output, errors = process.communicate(timeout=60)
