@@ -446,8 +446,8 @@ def save_checkpoint(path, params, network, velocity=None, run=None):
 
 
 def read_checkpoint(flag, path):
-    """The arrays of a checkpoint written by save_checkpoint, refusing (UsageError, one line) a
-    file that is not one."""
+    """The arrays of a checkpoint written by save_checkpoint, its run's "run/config" and "run/epochs"
+    (if it holds a run) read from their JSON, refusing (UsageError, one line) a file that is not one."""
     require_file(flag, path)
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -455,7 +455,7 @@ def read_checkpoint(flag, path):
     except Exception as error:  # np.load raises many types for files that are not .npz archives
         raise UsageError(f"{flag} {path}: not a checkpoint written by --save ({type(error).__name__})") from None
     try:
-        check_records(stored)
+        stored.update(check_records(stored))
     except ValueError as error:
         raise UsageError(f"{flag} {path}: not a checkpoint written by --save ({error})") from None
     return stored
@@ -463,7 +463,8 @@ def read_checkpoint(flag, path):
 
 def check_records(stored):
     """Raises ValueError naming the first of a checkpoint's records (the arrays besides the
-    parameters) that save_checkpoint would not have written."""
+    parameters) that save_checkpoint would not have written. Returns the run's JSON records read,
+    {"run/config": dict, "run/epochs": list}, or {} for a checkpoint of parameters only."""
     def record(name):
         if name not in stored:
             raise ValueError(f"no {name} record")
@@ -488,6 +489,8 @@ def check_records(stored):
             raise ValueError("run/epochs is not a list of epochs")
         if record("run/shuffle_key").shape != (2,) or stored["run/shuffle_key"].dtype != np.uint32:
             raise ValueError("run/shuffle_key is not a PRNG key")
+        return {"run/config": config, "run/epochs": epochs}
+    return {}
 
 
 def trained_for(stored):
@@ -559,7 +562,7 @@ def load_run(stored, path, network):
     params = layers_from(stored, "", template, "--resume", path)
     has_velocity = any(key.startswith("velocity/") for key in stored)
     velocity = layers_from(stored, "velocity/", template, "--resume", path) if has_velocity else None
-    run = {"config": json.loads(str(stored["run/config"])), "epochs": json.loads(str(stored["run/epochs"])),
+    run = {"config": stored["run/config"], "epochs": stored["run/epochs"],
            "shuffle_key": jax.device_put(stored["run/shuffle_key"])}
     return params, velocity, run
 
@@ -659,7 +662,7 @@ def resume_flags(args):
     if "run/config" not in stored:
         raise UsageError(f"--resume {args.resume}: holds parameters only, not a run to resume; "
                          "start from it with --load instead")
-    config = json.loads(str(stored["run/config"]))
+    config = stored["run/config"]
     for name in args.explicit:
         if getattr(args, name) != config[name]:
             raise UsageError(f"--resume {args.resume}: {flag_of(name)} {getattr(args, name)} would change the "
