@@ -104,3 +104,20 @@ def small_run(tmp_path_factory, small_mnist):
                      str(folder / "net.npz"), "--predict", str(folder / "seven.png"), "--data-dir", small_mnist,
                      cwd=folder)
     return result, folder
+
+
+def save_run(path, flags=(), epochs_done=0, **config):
+    """A checkpoint as --save writes it for a run of the default network started with flags, after
+    epochs_done epochs: freshly drawn parameters (and velocity), made-up epoch records; config
+    entries override the run's recorded ones. Returns (network, params)."""
+    import model
+
+    args = model.parse_args(list(flags))
+    network = model.build_network("modern")
+    params = network.init(model.run_keys(args.seed)[0])
+    run = {"config": {**{name: getattr(args, name) for name in model.RUN_FLAGS}, **config},
+           "shuffle_key": model.run_keys(args.seed)[1],
+           "epochs": [{"epoch": epoch, "train_loss": 0.5, "test_accuracy": 0.9, "seconds": 1.0}
+                      for epoch in range(1, epochs_done + 1)]}
+    model.save_checkpoint(str(path), params, network, params, run)
+    return network, params

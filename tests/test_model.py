@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import model
-from conftest import CLI_ENVIRONMENT, ROOT, run_cli, start_cli
+from conftest import CLI_ENVIRONMENT, ROOT, run_cli, save_run, start_cli
 from data import load_idx
 from gradcheck import quick_jit, relative_error
 
@@ -356,12 +356,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 def test_a_damaged_checkpoint_is_refused_naming_the_record(tmp_path, change, why):
     """Records a --save could not have written: one line naming the record, not a traceback from
     wherever it would first be used (json, the shape's unpacking, ...)."""
-    network = model.build_network("modern")
-    params = network.init(jax.random.PRNGKey(5))
-    args = model.parse_args([])
-    run = {"config": {name: getattr(args, name) for name in model.RUN_FLAGS}, "epochs": [],
-           "shuffle_key": model.run_keys(0)[1]}
-    model.save_checkpoint(str(tmp_path / "run.npz"), params, network, params, run)
+    save_run(tmp_path / "run.npz")
     with np.load(tmp_path / "run.npz") as archive:
         arrays = {name: archive[name] for name in archive.files}
     np.savez(tmp_path / "damaged.npz", **{**arrays, **{name: np.asarray(value) for name, value in change.items()}})

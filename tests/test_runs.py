@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import model
-from conftest import ROOT, SMALL_CLI_RUN, run_cli, start_cli
+from conftest import ROOT, SMALL_CLI_RUN, run_cli, save_run, start_cli
 from data import load_idx
 
 SMALL_RUN = (*SMALL_CLI_RUN, "--epochs", "6")
@@ -87,12 +87,7 @@ def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
 
 
 def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
-    args = model.parse_args([*SMALL_RUN, "--epochs", "2"])
-    network = model.build_network("modern")
-    params = network.init(model.run_keys(0)[0])
-    config = {name: getattr(args, name) for name in model.RUN_FLAGS}
-    model.save_checkpoint(str(tmp_path / "run.npz"), params, network, params,
-                          {"config": config, "shuffle_key": model.run_keys(0)[1], "epochs": []})
+    network, params = save_run(tmp_path / "run.npz", (*SMALL_RUN, "--epochs", "2"))
     # In this process: how the command line prints a UsageError, in one line, is checked in test_model.py.
     with pytest.raises(model.UsageError) as raised:
         model.main(["--resume", str(tmp_path / "run.npz"), "--lr", "0.5"])
@@ -103,9 +98,7 @@ def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
     with pytest.raises(model.UsageError, match="not a run to resume; start from it with --load"):
         model.main(["--resume", str(tmp_path / "params.npz")])
     # Nor is one that has done all its epochs.
-    done = [{"epoch": epoch, "train_loss": 0.5, "test_accuracy": 0.9, "seconds": 1.0} for epoch in (1, 2)]
-    model.save_checkpoint(str(tmp_path / "done.npz"), params, network, params,
-                          {"config": config, "shuffle_key": model.run_keys(0)[1], "epochs": done})
+    save_run(tmp_path / "done.npz", (*SMALL_RUN, "--epochs", "2"), epochs_done=2)
     with pytest.raises(model.UsageError, match="has already done the 2 epochs it planned; evaluate it with --load"):
         model.main(["--resume", str(tmp_path / "done.npz"), "--out-dir", str(tmp_path / "out")])
 
@@ -113,13 +106,7 @@ def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
 def test_resume_on_another_number_of_devices_says_the_numbers_will_differ(tmp_path, small_mnist):
     """A run saved while training on 2 devices, resumed here on 1: allowed (a machine may change),
     but the resumed run cannot equal the uninterrupted one bit for bit, and says so in its line."""
-    args = model.parse_args([*SMALL_CLI_RUN, "--epochs", "2"])
-    network = model.build_network("modern")
-    params = network.init(model.run_keys(0)[0])
-    config = {**{name: getattr(args, name) for name in model.RUN_FLAGS}, "devices": 2}
-    done = [{"epoch": 1, "train_loss": 0.5, "test_accuracy": 0.9, "seconds": 1.0}]
-    model.save_checkpoint(str(tmp_path / "run.npz"), params, network, params,
-                          {"config": config, "shuffle_key": model.run_keys(0)[1], "epochs": done})
+    save_run(tmp_path / "run.npz", (*SMALL_CLI_RUN, "--epochs", "2"), epochs_done=1, devices=2)
     lines = []
 
     class Resumed(Exception):
