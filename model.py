@@ -1411,7 +1411,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
     else:
         log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
             f"{args.train_size} training images ({described}){held_out}, batch {args.batch_size}, lr {args.lr}, "
-            f"momentum {args.momentum}, weight decay {args.weight_decay}, {args.epochs} epochs")
+            f"momentum {args.momentum}, weight decay {args.weight_decay}, {counted(args.epochs, 'epoch')}")
     if args.val_size:
         eval_name, eval_images, eval_labels = "val", train_images[-args.val_size:], train_labels[-args.val_size:]
     else:
