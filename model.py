@@ -752,7 +752,7 @@ def require_file(flag, path):
 def check_output_paths(args):
     """Refuses, before any training, an --out-dir or checkpoint path the run could not write when
     it comes to it (UsageError, one line): a file where a folder must be, or the other way round, or
-    a folder without write permission. Only process 0 writes; with --load and --predict, nothing."""
+    a folder where no file can be made. Only process 0 writes; with --load and --predict, nothing."""
     if args.process_id != 0:
         return
     if not (args.load and args.predict):
@@ -774,14 +774,22 @@ def require_writable_file(flag, path, example_name):
 
 def require_writable_folder(flag, path, folder):
     """Refuses `flag path` unless folder exists and is writable, or can be made (its nearest existing
-    ancestor is a writable folder)."""
+    ancestor is a writable folder).
+
+    Writable means that a file could be made there, and made it is, then removed at once: the
+    permission bits do not tell. Root passes every permission check, yet makes no file in /proc; a
+    read-only mount or an access-control list may refuse anybody."""
     existing = os.path.abspath(folder)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise UsageError(f"{flag} {path}: {existing} is a file, so no folder can be made there; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: no permission to write in {existing}; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot write in {existing} ({error.strerror}); "
+                         "choose another path") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -477,11 +477,24 @@ def test_a_platform_jax_cannot_start_is_one_line():
         "model.py: error: JAX cannot start its devices (JAX_PLATFORMS=nosuchdevice): "), result.stderr
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux's /proc")
+def test_a_folder_where_no_file_can_be_made_is_refused_before_training():
+    """/proc takes no new file from anybody, root included, though its permission bits let root
+    write: the check tries to make a file, as the run will, rather than read the bits."""
+    with pytest.raises(model.UsageError, match="^--out-dir /proc/out: cannot write in /proc "):
+        model.main(["--out-dir", "/proc/out", "--data-dir", os.path.join(ROOT, "data")])
+    with pytest.raises(model.UsageError, match="^--save /proc/out/run.npz: cannot write in /proc "):
+        model.main(["--save", "/proc/out/run.npz", "--data-dir", os.path.join(ROOT, "data")])
+
+
 def test_a_folder_without_write_permission_is_refused_before_training(tmp_path, monkeypatch):
     """As a user without write permission there sees it (the suite may run as root, who has it
     everywhere, so the permission is denied by hand)."""
-    monkeypatch.setattr(os, "access", lambda path, mode: False)
-    with pytest.raises(model.UsageError, match=f"--out-dir {tmp_path}/out: no permission to write in {tmp_path};"):
+    def denied(**_):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(model.tempfile, "TemporaryFile", denied)
+    with pytest.raises(model.UsageError,
+                       match=f"^--out-dir {tmp_path}/out: cannot write in {tmp_path} \\(Permission denied\\);"):
         model.main(["--out-dir", str(tmp_path / "out"), "--data-dir", os.path.join(ROOT, "data")])
 
 
