@@ -26,6 +26,8 @@ import signal
 import sys
 
 STOPPED_BY_CTRL_C = "model.py: stopped by Ctrl-C; every file written so far is complete"
+# The signals that stop training after its epoch (StopOnInterrupt), as the user knows them.
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 def stop_at_once(signum, frame):
@@ -912,25 +914,28 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
 
 
 class StopOnInterrupt:
-    """While active, the first Ctrl-C (SIGINT) only asks training to stop once the epoch running
-    has finished (calling the object says whether it has been asked); a second one aborts at once
-    with KeyboardInterrupt. Every file is written atomically, so an abort leaves none half-written."""
+    """While active, the first Ctrl-C (SIGINT) or SIGTERM (what `kill`, `timeout`, `docker stop` and
+    job schedulers send) only asks training to stop once the epoch running has finished (calling
+    the object says whether it has been asked; .signal is the one that asked); a second signal of
+    either kind aborts at once with KeyboardInterrupt(its number). Every file is written
+    atomically, so an abort leaves none half-written."""
 
     def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._interrupt)
+        self.signal = None
+        self.previous = {number: signal.signal(number, self._interrupt) for number in STOP_SIGNALS}
         return self
 
     def _interrupt(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signal is not None:
+            raise KeyboardInterrupt(signum)
+        self.signal = signum
 
     def __call__(self):
-        return self.requested
+        return self.signal is not None
 
     def __exit__(self, *exception):
-        signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
 
 def check_not_diverged(train_loss, epoch, args, num_classes):
@@ -1379,7 +1384,8 @@ def network_for_data(kind, data_dir, train_images, train_labels):
 
 
 def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even into a pipe
-    """The command line's run; returns the exit status (130 when the user interrupted training).
+    """The command line's run; returns the exit status (130 when Ctrl-C interrupted training, 143
+    when SIGTERM did).
     log(line) prints what the run reports."""
     args = parse_args(argv)
     check_args(args)
@@ -1465,11 +1471,13 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
                 network, params, args, train_images[:len(train_images) - args.val_size], train_labels,
                 eval_images, eval_labels, log, eval_name, resume, checkpoint if save_path else None,
                 stop=interrupted, mesh=mesh)
-            # Stopped early: by a Ctrl-C here, or with several processes, in another process.
+            # Stopped early: by a Ctrl-C or SIGTERM here, or with several processes, in another process.
             stopped = interrupted() or len(epochs) < args.epochs
             if stopped:
-                log(f"interrupted: training stopped after epoch {len(epochs)} of {args.epochs}; writing what "
-                    "it trained (Ctrl-C again aborts at once)")
+                # Ctrl-C is the usual way, and needs no naming; the exit status is 128 + the signal's number.
+                by = " by SIGTERM" if interrupted.signal == signal.SIGTERM else ""
+                log(f"interrupted{by}: training stopped after epoch {len(epochs)} of {args.epochs}; writing "
+                    "what it trained (Ctrl-C again aborts at once)")
 
         predictions = make_predict(network, mesh)(replicated(params, mesh),
                                                   replicated(pad_to_chunks(test_images, mesh), mesh))
@@ -1498,7 +1506,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
                 log(f"saved parameters to {save_path}")
         if args.predict and writes:
             classify_drawings(network, params, drawings, log)
-        return 130 if interrupted() or stopped else 0
+        return 128 + interrupted.signal if interrupted() else 130 if stopped else 0
 
 
 def exit_now(status, leave_together=True):
@@ -1530,9 +1538,10 @@ if __name__ == "__main__":
         # A failed rename names the temporary file first and the file meant (filename2) second.
         path = error.filename2 or error.filename
         exit_now(f"model.py: error: {path}: {error.strerror}" if path else f"model.py: error: {error}")
-    except KeyboardInterrupt:  # the second Ctrl-C while training or writing (StopOnInterrupt)
-        print(STOPPED_BY_CTRL_C, file=sys.stderr)
-        exit_now(130, leave_together=False)
+    except KeyboardInterrupt as stop:  # a second signal while training or writing (StopOnInterrupt)
+        signum = stop.args[0] if stop.args else signal.SIGINT
+        print(STOPPED_BY_CTRL_C.replace("Ctrl-C", STOP_SIGNALS[signum]), file=sys.stderr)
+        exit_now(128 + signum, leave_together=False)
     except Exception as error:
         # On CPUs, a collective between processes that fails because another process of the run has
         # ended (a second Ctrl-C there, a crash, a lost machine) raises Gloo's error, from JAX's

@@ -86,6 +86,46 @@ def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_sigterm_stops_training_as_ctrl_c_does(tmp_path, small_mnist):
+    """SIGTERM, as `timeout`, `docker stop` or a job scheduler sends it, once the first epoch line is
+    out: the run stops after that epoch, says so, writes its outputs and checkpoint, and returns 143;
+    a second signal aborts at once. Sent by the run to itself, in this process, where a handler of
+    the test's own stands in for the default one, which would end the test session."""
+    outside = []
+
+    def stand_in(*_):
+        outside.append("SIGTERM reached the test's handler")
+
+    previous = signal.signal(signal.SIGTERM, stand_in)
+    try:
+        lines = []
+
+        def log(line, again_at=None):
+            lines.append(line)
+            if line.startswith("epoch ") or again_at and line.startswith(again_at):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        flags = [*SMALL_RUN, "--data-dir", small_mnist, "--save", str(tmp_path / "run.npz")]
+        assert model.main([*flags, "--out-dir", str(tmp_path / "out")], log=log) == 143, lines
+        assert outside == [], "model.main left SIGTERM to the handler it found"
+        assert [line for line in lines if line.startswith("interrupted")] == [
+            "interrupted by SIGTERM: training stopped after epoch 1 of 6; writing what it trained "
+            "(Ctrl-C again aborts at once)"], lines
+        assert len(json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]) == 1
+        assert {path.name for path in (tmp_path / "out").iterdir()} == set(model.OUTPUT_FILES)
+        assert len(json.loads(str(checkpoint_arrays(tmp_path / "run.npz")["run/epochs"]))) == 1
+
+        # Again, and a second SIGTERM once it says it stops: out at once, nothing half-written.
+        with pytest.raises(KeyboardInterrupt) as aborted:
+            model.main([*flags, "--out-dir", str(tmp_path / "again")],
+                       log=lambda line: log(line, again_at="interrupted"))
+        assert aborted.value.args == (signal.SIGTERM,)
+        assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]
+        assert signal.getsignal(signal.SIGTERM) is stand_in and outside == []  # put back as it was
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
     network, params = save_run(tmp_path / "run.npz", (*SMALL_RUN, "--epochs", "2"))
     # In this process: how the command line prints a UsageError, in one line, is checked in test_model.py.
