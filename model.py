@@ -920,10 +920,17 @@ class StopOnInterrupt:
     either kind aborts at once with KeyboardInterrupt(its number). Every file is written
     atomically, so an abort leaves none half-written."""
 
-    def __enter__(self):
+    def __init__(self):
         self.signal = None
+
+    def __enter__(self):
         self.previous = {number: signal.signal(number, self._interrupt) for number in STOP_SIGNALS}
         return self
+
+    def request(self, signum):
+        """Asks training to stop as the signal signum would, unless it has been asked already."""
+        if self.signal is None:
+            self.signal = signum
 
     def _interrupt(self, signum, frame):
         if self.signal is not None:
@@ -1383,10 +1390,27 @@ def network_for_data(kind, data_dir, train_images, train_labels):
                          "--preset whose network fits them") from None
 
 
-def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even into a pipe
+def print_line(line, interrupted):
+    """Prints line to stdout, flushed (even into a pipe). Once stdout's reader has gone (a closed
+    pipe: `| head`, or `| tee` ended by the same Ctrl-C), the lines can only be dropped, not the run:
+    stdout is pointed at /dev/null, stderr says so once, and training is asked to stop after its
+    epoch (interrupted, a StopOnInterrupt), as a Ctrl-C would, so that what it trained is written.
+    The exit status is then a broken pipe's, 128 + SIGPIPE."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("model.py: standard output was closed (whatever read it has gone); training stops after the "
+              "epoch running and writes what it trained", file=sys.stderr, flush=True)
+        interrupted.request(signal.SIGPIPE)
+
+
+def main(argv=None, log=None):
     """The command line's run; returns the exit status (130 when Ctrl-C interrupted training, 143
-    when SIGTERM did).
-    log(line) prints what the run reports."""
+    when SIGTERM did, 141 when stdout was closed).
+    log(line) prints what the run reports (print_line by default)."""
+    interrupted = StopOnInterrupt()
+    log = log or functools.partial(print_line, interrupted=interrupted)
     args = parse_args(argv)
     check_args(args)
     check_output_paths(args)
@@ -1463,7 +1487,7 @@ def main(argv=None, log=functools.partial(print, flush=True)):  # flushed: even 
         # The pictures' library, imported while XLA compiles the epoch (which releases Python's
         # interpreter lock), rather than after training, when it is needed.
         import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg")
-    with StopOnInterrupt() as interrupted:
+    with interrupted:
         if args.eval_only:
             epochs, compile_seconds, train_seconds, stopped = [], 0.0, 0.0, False
         else:
