@@ -48,6 +48,7 @@ import functools
 import importlib
 import json
 import math
+import re
 import socket
 import tempfile
 import threading
@@ -1553,9 +1554,24 @@ def exit_now(status, leave_together=True):
     os._exit(status)
 
 
-if __name__ == "__main__":
+def out_of_memory(error):
+    """The one line for an error that says memory ran out, or None for any other error: XLA's
+    "Out of memory allocating N bytes" (CPU) or "RESOURCE_EXHAUSTED: Out of memory while trying to
+    allocate N bytes" (GPU), from compiling or running, or numpy's MemoryError."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or "out of memory" in text.lower()):
+        return None
+    asked = re.search(r"allocat\w* (\d+) bytes", text)
+    amount = f" (an allocation of {int(asked.group(1)) / 2 ** 30:.1f} GiB failed)" if asked else ""
+    return (f"model.py: error: out of memory{amount}: the run needs more memory than this machine gives it; "
+            "a smaller --batch-size needs less; every file written so far is complete")
+
+
+def run_as_program(argv=None):
+    """main as the command line runs it: its exit status, or one line on stderr for every error the
+    user can act on, never a traceback; ends the process (exit_now)."""
     try:
-        exit_now(main())
+        exit_now(main(argv))
     except (UsageError, DataError) as error:
         exit_now(f"model.py: error: {error}")
     except OSError as error:  # a file the checks before training could not foresee (a full disk, ...)
@@ -1567,6 +1583,8 @@ if __name__ == "__main__":
         print(STOPPED_BY_CTRL_C.replace("Ctrl-C", STOP_SIGNALS[signum]), file=sys.stderr)
         exit_now(128 + signum, leave_together=False)
     except Exception as error:
+        if out_of_memory(error):
+            exit_now(out_of_memory(error), leave_together=False)
         # On CPUs, a collective between processes that fails because another process of the run has
         # ended (a second Ctrl-C there, a crash, a lost machine) raises Gloo's error, from JAX's
         # runtime or from its dispatch, whichever was running.
@@ -1574,3 +1592,7 @@ if __name__ == "__main__":
             raise
         exit_now(f"model.py: error: process {jax.process_index()} lost the other processes of the run "
                  f"({str(error).splitlines()[0]}); every file written so far is complete", leave_together=False)
+
+
+if __name__ == "__main__":
+    run_as_program()

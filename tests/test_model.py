@@ -466,6 +466,30 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
                     "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "seed")])
 
 
+@pytest.mark.parametrize("error, amount", [
+    # As `python model.py --batch-size 60000` met it on CPU under a 6 GB memory limit (ulimit -v):
+    # a traceback ending in this line, from inside JAX. A GPU's says RESOURCE_EXHAUSTED instead.
+    (jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 5354378880 bytes."),
+     " (an allocation of 5.0 GiB failed)"),
+    (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes."),
+     " (an allocation of 1.0 GiB failed)"),
+    (MemoryError(), "")])
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error, amount):
+    def run_out(argv):
+        raise error
+
+    def exit_now(status, leave_together=True):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(model, "main", run_out)
+    monkeypatch.setattr(model, "exit_now", exit_now)
+    with pytest.raises(SystemExit) as ended:
+        model.run_as_program([])
+    assert ended.value.code == (f"model.py: error: out of memory{amount}: the run needs more memory than this "
+                                "machine gives it; a smaller --batch-size needs less; every file written so far is "
+                                "complete")
+
+
 def test_a_platform_jax_cannot_start_is_one_line():
     """JAX_PLATFORMS naming a platform this JAX lacks (a GPU's without its plugin gives a bare
     AssertionError; an unknown name, as here, a RuntimeError): one line, not JAX's traceback."""
