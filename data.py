@@ -185,6 +185,17 @@ def load_idx(data_dir=SHIPPED_MNIST):
     return tuple(arrays)
 
 
+def fingerprint(*arrays):
+    """SHA-256 (hex) of the arrays' shapes and values, in order: which data a run used, whatever
+    folder it sits in now (a checkpoint records it for --resume)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 def number_of_classes(train_labels):
     """K, for labels 0..K-1: one more than the largest training label."""
     return int(train_labels.max()) + 1

@@ -65,7 +65,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
-from data import SHIPPED_MNIST, DataError, counted, dataset_file, image_size, load_idx, number_of_classes
+from data import SHIPPED_MNIST, DataError, counted, dataset_file, fingerprint, image_size, load_idx, number_of_classes
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 
 PRESETS = {
@@ -1456,11 +1456,20 @@ def main(argv=None, log=None):
     else:
         eval_name, eval_images, eval_labels = "test", test_images, test_labels
 
+    save_path = args.save or args.resume
+    # Which data the run trains on, whatever folder holds it: a resumed run must go on with the same.
+    data_digest = fingerprint(train_images, train_labels, test_images, test_labels) if save_path else None
     resume = None
     if args.load:
         params = load_checkpoint(args.load, network, stored=stored_params)
     elif args.resume:
         params, velocity, run = load_run(stored_run, args.resume, network)
+        if run["config"].get("data_sha256", data_digest) != data_digest:  # recorded since checkpoints have it
+            before = run["config"]["data_dir"]
+            where = ("those files have changed since" if before == os.path.abspath(args.data_dir)
+                     else f"it trained on those in {before}")
+            raise UsageError(f"--resume {args.resume}: the run trained on other images or labels than those in "
+                             f"{args.data_dir} ({where}); resume it on its own data, with --data-dir")
         resume = {"velocity": velocity, "shuffle_key": run["shuffle_key"], "epochs": run["epochs"]}
         if len(run["epochs"]) >= args.epochs:
             raise UsageError(f"--resume {args.resume}: the run has already done the {counted(args.epochs, 'epoch')} "
@@ -1474,10 +1483,10 @@ def main(argv=None, log=None):
         log(f"resuming {args.resume} after epoch {len(run['epochs'])}{moved}")
     else:
         params = network.init(run_keys(args.seed)[0])
-    save_path = args.save or args.resume
     # With the flags, the number of devices the run trains on: not a flag of the run (it may change
-    # on resuming), but it decides how each batch's sums are split.
-    config = {**{name: getattr(args, name) for name in RUN_FLAGS}, "devices": device_count(mesh)}
+    # on resuming), but it decides how each batch's sums are split; and the data it trains on.
+    config = {**{name: getattr(args, name) for name in RUN_FLAGS}, "devices": device_count(mesh),
+              "data_sha256": data_digest, "data_dir": os.path.abspath(args.data_dir)}
 
     def checkpoint(params, velocity, shuffle_key, epochs):
         if writes:

@@ -162,6 +162,20 @@ def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
         model.main(["--resume", str(tmp_path / "done.npz"), "--out-dir", str(tmp_path / "out")])
 
 
+def test_resume_refuses_other_data(tmp_path, small_mnist):
+    """A run on one dataset resumed with another of the same shape (its --data-dir forgotten, so
+    MNIST's by default, or the files replaced) went on training on the wrong images in silence. The
+    checkpoint records the data's SHA-256 and folder; the folder may move, the data may not."""
+    flags = (*SMALL_RUN, "--epochs", "2")
+    for folder, why in (("/elsewhere/data", "it trained on those in /elsewhere/data"),
+                        (os.path.abspath(small_mnist), "those files have changed since")):
+        save_run(tmp_path / "run.npz", flags, epochs_done=1, data_sha256="0" * 64, data_dir=folder)
+        with pytest.raises(model.UsageError) as raised:
+            model.main(["--resume", str(tmp_path / "run.npz"), "--data-dir", small_mnist, "--out-dir", str(tmp_path)])
+        assert str(raised.value) == (f"--resume {tmp_path / 'run.npz'}: the run trained on other images or labels than "
+                                     f"those in {small_mnist} ({why}); resume it on its own data, with --data-dir")
+
+
 def test_resume_on_another_number_of_devices_says_the_numbers_will_differ(tmp_path, small_mnist):
     """A run saved while training on 2 devices, resumed here on 1: allowed (a machine may change),
     but the resumed run cannot equal the uninterrupted one bit for bit, and says so in its line."""
