@@ -89,8 +89,8 @@ NEAR_CHANCE = 0.05
 # The seeds a run accepts: its key is drawn by a compiled function whose argument is a 32-bit integer.
 SEEDS = (-2 ** 31, 2 ** 31 - 1)
 # Test images per compiled evaluation step: it bounds memory, not accuracy (each image's answer is
-# the same in any chunk). Small enough that one chunk's feature maps stay in cache: the default
-# network evaluates 10,000 images in about half the time of 1,000-image chunks (PERFORMANCE.md).
+# the same in any chunk). In a run, 10,000 images are evaluated in chunks of 200 in about half the
+# time they take in chunks of 1,000 (PERFORMANCE.md).
 EVAL_CHUNK = 200
 # Training steps traced per loop iteration of the epoch's lax.scan. XLA copies the loop-carried
 # parameters at the top of every iteration; with two steps per iteration the step in the middle
