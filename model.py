@@ -1467,7 +1467,8 @@ def main(argv=None, log=None):
         params = load_checkpoint(args.load, network, stored=stored_params)
     elif args.resume:
         params, velocity, run = load_run(stored_run, args.resume, network)
-        if run["config"].get("data_sha256", data_digest) != data_digest:  # recorded since checkpoints have it
+        # Checkpoints written before the data was recorded are taken on trust.
+        if run["config"].get("data_sha256", data_digest) != data_digest:
             before = run["config"]["data_dir"]
             where = ("those files have changed since" if before == os.path.abspath(args.data_dir)
                      else f"it trained on those in {before}")
@@ -1595,8 +1596,9 @@ def run_as_program(argv=None):
         print(STOPPED_BY_CTRL_C.replace("Ctrl-C", STOP_SIGNALS[signum]), file=sys.stderr)
         exit_now(128 + signum, leave_together=False)
     except Exception as error:
-        if out_of_memory(error):
-            exit_now(out_of_memory(error), leave_together=False)
+        line = out_of_memory(error)
+        if line:
+            exit_now(line, leave_together=False)
         # On CPUs, a collective between processes that fails because another process of the run has
         # ended (a second Ctrl-C there, a crash, a lost machine) raises Gloo's error, from JAX's
         # runtime or from its dispatch, whichever was running.
