@@ -474,7 +474,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1073741824 bytes."),
      " (an allocation of 1.0 GiB failed)"),
     (MemoryError(), "")])
-def test_running_out_of_memory_is_one_line(monkeypatch, capsys, error, amount):
+def test_running_out_of_memory_is_one_line(monkeypatch, error, amount):
     def run_out(argv):
         raise error
 
