@@ -1403,9 +1403,13 @@ def print_line(line, interrupted):
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print("model.py: standard output was closed (whatever read it has gone); training stops after the "
-              "epoch running and writes what it trained", file=sys.stderr, flush=True)
+        nowhere = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(nowhere, sys.stdout.fileno())
+        try:
+            print("model.py: standard output was closed (whatever read it has gone); training stops after the "
+                  "epoch running and writes what it trained", file=sys.stderr, flush=True)
+        except BrokenPipeError:  # stderr went into the same pipe (2>&1)
+            os.dup2(nowhere, sys.stderr.fileno())
         interrupted.request(signal.SIGPIPE)
 
 

@@ -67,10 +67,10 @@ def run_cli(*flags, cwd):
                           env=CLI_ENVIRONMENT)
 
 
-def start_cli(*flags, cwd, env=None):
+def start_cli(*flags, cwd, env=None, stderr=subprocess.PIPE):
     """run_cli's model.py, started and left running, its output and errors pipes to read as it goes;
-    env replaces CLI_ENVIRONMENT."""
-    return subprocess.Popen(cli_command(flags), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+    env replaces CLI_ENVIRONMENT; stderr=subprocess.STDOUT sends the errors into the output's pipe."""
+    return subprocess.Popen(cli_command(flags), stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=cwd,
                             env=env or CLI_ENVIRONMENT)
 
 
