@@ -27,7 +27,7 @@ import sys
 
 STOPPED_BY_CTRL_C = "model.py: stopped by Ctrl-C; every file written so far is complete"
 # The signals that stop training after its epoch (StopOnInterrupt), as the user knows them.
-STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
 def stop_at_once(signum, frame):
@@ -44,6 +44,7 @@ if __name__ == "__main__":
 
 # The imports below take a second or more: Ctrl-C is handled before them, so they come after code.
 import argparse
+import errno
 import functools
 import importlib
 import json
@@ -918,11 +919,12 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
 
 
 class StopOnInterrupt:
-    """While active, the first Ctrl-C (SIGINT) or SIGTERM (what `kill`, `timeout`, `docker stop` and
-    job schedulers send) only asks training to stop once the epoch running has finished (calling
-    the object says whether it has been asked; .signal is the one that asked); a second signal of
-    either kind aborts at once with KeyboardInterrupt(its number). Every file is written
-    atomically, so an abort leaves none half-written."""
+    """While active, the first Ctrl-C (SIGINT), SIGTERM (what `kill`, `timeout`, `docker stop` and
+    job schedulers send) or SIGHUP (the terminal closed, an SSH connection dropped) only asks
+    training to stop once the epoch running has finished (calling the object says whether it has
+    been asked; .signal is the one that asked); a second Ctrl-C or SIGTERM aborts at once with
+    KeyboardInterrupt(its number). Every file is written atomically, so an abort leaves none
+    half-written."""
 
     def __init__(self):
         self.signal = None
@@ -937,9 +939,10 @@ class StopOnInterrupt:
             self.signal = signum
 
     def _interrupt(self, signum, frame):
-        if self.signal is not None:
+        if self.signal is None:
+            self.signal = signum
+        elif signum != signal.SIGHUP:  # a hangup comes twice, from the shell and from the terminal
             raise KeyboardInterrupt(signum)
-        self.signal = signum
 
     def __call__(self):
         return self.signal is not None
@@ -1396,26 +1399,29 @@ def network_for_data(kind, data_dir, train_images, train_labels):
 
 def print_line(line, interrupted):
     """Prints line to stdout, flushed (even into a pipe). Once stdout's reader has gone (a closed
-    pipe: `| head`, or `| tee` ended by the same Ctrl-C), the lines can only be dropped, not the run:
-    stdout is pointed at /dev/null, stderr says so once, and training is asked to stop after its
-    epoch (interrupted, a StopOnInterrupt), as a Ctrl-C would, so that what it trained is written.
-    The exit status is then a broken pipe's, 128 + SIGPIPE."""
+    pipe, EPIPE: `| head`, or `| tee` ended by the same Ctrl-C; a terminal hung up, EIO), the lines
+    can only be dropped, not the run: stdout is pointed at /dev/null, stderr says so once, and
+    training is asked to stop after its epoch (interrupted, a StopOnInterrupt), as a Ctrl-C would,
+    so that what it trained is written. The exit status is then 128 + SIGPIPE, or + SIGHUP."""
     try:
         print(line, flush=True)
-    except BrokenPipeError:
+    except OSError as error:
+        if error.errno not in (errno.EPIPE, errno.EIO):
+            raise
         nowhere = os.open(os.devnull, os.O_WRONLY)
         os.dup2(nowhere, sys.stdout.fileno())
         try:
             print("model.py: standard output was closed (whatever read it has gone); training stops after the "
                   "epoch running and writes what it trained", file=sys.stderr, flush=True)
-        except BrokenPipeError:  # stderr went into the same pipe (2>&1)
+        except OSError:  # stderr went the same way (2>&1, or the same terminal)
             os.dup2(nowhere, sys.stderr.fileno())
-        interrupted.request(signal.SIGPIPE)
+        os.close(nowhere)
+        interrupted.request(signal.SIGPIPE if error.errno == errno.EPIPE else signal.SIGHUP)
 
 
 def main(argv=None, log=None):
     """The command line's run; returns the exit status (130 when Ctrl-C interrupted training, 143
-    when SIGTERM did, 141 when stdout was closed).
+    when SIGTERM did, 129 when SIGHUP did, 141 when stdout was closed).
     log(line) prints what the run reports (print_line by default)."""
     interrupted = StopOnInterrupt()
     log = log or functools.partial(print_line, interrupted=interrupted)
@@ -1513,11 +1519,13 @@ def main(argv=None, log=None):
                 network, params, args, train_images[:len(train_images) - args.val_size], train_labels,
                 eval_images, eval_labels, log, eval_name, resume, checkpoint if save_path else None,
                 stop=interrupted, mesh=mesh)
-            # Stopped early: by a Ctrl-C or SIGTERM here, or with several processes, in another process.
+            # Stopped early: by a signal or a closed stdout here, or with several processes, in another.
             stopped = interrupted() or len(epochs) < args.epochs
             if stopped:
-                # Ctrl-C is the usual way, and needs no naming; the exit status is 128 + the signal's number.
-                by = " by SIGTERM" if interrupted.signal == signal.SIGTERM else ""
+                # Ctrl-C is the usual way, and needs no naming (nor a closed stdout, where the line goes
+                # nowhere); the exit status is 128 + the signal's number.
+                named = interrupted.signal in (signal.SIGTERM, signal.SIGHUP)
+                by = f" by {STOP_SIGNALS[interrupted.signal]}" if named else ""
                 log(f"interrupted{by}: training stopped after epoch {len(epochs)} of {args.epochs}; writing "
                     "what it trained (Ctrl-C again aborts at once)")
 

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -87,44 +88,68 @@ def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_sigterm_stops_training_as_ctrl_c_does(tmp_path, small_mnist):
-    """SIGTERM, as `timeout`, `docker stop` or a job scheduler sends it, once the first epoch line is
-    out: the run stops after that epoch, says so, writes its outputs and checkpoint, and returns 143;
-    a second signal aborts at once. Sent by the run to itself, in this process, where a handler of
-    the test's own stands in for the default one, which would end the test session."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_training_as_ctrl_c_does(tmp_path, small_mnist, signum):
+    """SIGTERM (`timeout`, `docker stop`, a job scheduler) or SIGHUP (the terminal closed, an SSH
+    connection dropped), once the first epoch line is out: the run stops after that epoch, says so,
+    writes its outputs and checkpoint, and returns 128 + the signal. A second SIGTERM aborts at once;
+    a second SIGHUP does not, as a hangup comes twice (from the shell and from the terminal). Sent by
+    the run to itself, in this process, where a handler of the test's own stands in for the
+    default one, which would end the test session."""
+    name = signal.Signals(signum).name
     outside = []
 
     def stand_in(*_):
-        outside.append("SIGTERM reached the test's handler")
+        outside.append(f"{name} reached the test's handler")
 
-    previous = signal.signal(signal.SIGTERM, stand_in)
+    previous = signal.signal(signum, stand_in)
     try:
         lines = []
 
         def log(line, again_at=None):
             lines.append(line)
             if line.startswith("epoch ") or again_at and line.startswith(again_at):
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
 
         flags = [*SMALL_RUN, "--data-dir", small_mnist, "--save", str(tmp_path / "run.npz")]
-        assert model.main([*flags, "--out-dir", str(tmp_path / "out")], log=log) == 143, lines
-        assert outside == [], "model.main left SIGTERM to the handler it found"
+        # A SIGHUP comes again once the run says it stops, and changes nothing.
+        again = "interrupted" if signum == signal.SIGHUP else None
+        status = model.main([*flags, "--out-dir", str(tmp_path / "out")], log=lambda line: log(line, again))
+        assert status == 128 + signum, lines
+        assert outside == [], f"model.main left {name} to the handler it found"
         assert [line for line in lines if line.startswith("interrupted")] == [
-            "interrupted by SIGTERM: training stopped after epoch 1 of 6; writing what it trained "
+            f"interrupted by {name}: training stopped after epoch 1 of 6; writing what it trained "
             "(Ctrl-C again aborts at once)"], lines
         assert len(json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]) == 1
         assert {path.name for path in (tmp_path / "out").iterdir()} == set(model.OUTPUT_FILES)
         assert len(json.loads(str(checkpoint_arrays(tmp_path / "run.npz")["run/epochs"]))) == 1
 
-        # Again, and a second SIGTERM once it says it stops: out at once, nothing half-written.
-        with pytest.raises(KeyboardInterrupt) as aborted:
-            model.main([*flags, "--out-dir", str(tmp_path / "again")],
-                       log=lambda line: log(line, again_at="interrupted"))
-        assert aborted.value.args == (signal.SIGTERM,)
-        assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]
-        assert signal.getsignal(signal.SIGTERM) is stand_in and outside == []  # put back as it was
+        if signum == signal.SIGTERM:
+            # Again, and a second SIGTERM once it says it stops: out at once, nothing half-written.
+            with pytest.raises(KeyboardInterrupt) as aborted:
+                model.main([*flags, "--out-dir", str(tmp_path / "again")],
+                           log=lambda line: log(line, again_at="interrupted"))
+            assert aborted.value.args == (signal.SIGTERM,)
+            assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]
+        assert signal.getsignal(signum) is stand_in and outside == []  # put back as it was
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
+
+
+def test_a_hung_up_terminal_is_a_closed_stdout(monkeypatch, capsys):
+    """After a hangup, writing to the terminal fails with EIO, not a broken pipe's EPIPE; the run
+    then has no more use for stdout either, and stops as for a SIGHUP. Here stdout is the far end of
+    a pseudo-terminal whose near end has been closed, as a dropped SSH connection leaves it."""
+    near, far = os.openpty()
+    os.close(near)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(far, "w"))
+    interrupted = model.StopOnInterrupt()
+    model.print_line("epoch   1/6", interrupted)
+    assert interrupted.signal == signal.SIGHUP
+    assert capsys.readouterr().err.startswith("model.py: standard output was closed (whatever read it has gone); ")
+    model.print_line("epoch   2/6", interrupted)  # now into /dev/null, quietly
+    assert capsys.readouterr().err == ""
+    sys.stdout.close()
 
 
 def test_a_closed_stdout_stops_training_and_keeps_what_it_trained(tmp_path, small_mnist):
