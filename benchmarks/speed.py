@@ -218,7 +218,8 @@ def whole_runs(mnist, quick):
             "seed_preset_epoch_seconds": statistics.median(epoch["seconds"] for epoch in seed_epochs),
             "seed_preset_epoch_images": seed_args.train_size,
             "default_epoch_seconds": statistics.median(epoch["seconds"] for epoch in default_epochs),
-            "default_epoch_images": default_args.train_size, "default_compile_seconds": default_compile}
+            "default_epoch_images": default_args.train_size, "default_batch_size": default_args.batch_size,
+            "default_compile_seconds": default_compile}
 
 
 def main(argv=None):
@@ -306,7 +307,7 @@ def main(argv=None):
     print(f"--preset seed: {runs['seed_preset_train_seconds']:.2f} s of training, compile included "
           f"(median {runs['seed_preset_epoch_seconds']:.3f} s per {runs['seed_preset_epoch_images']:,}-image epoch)")
     print(f"default: median {runs['default_epoch_seconds']:.3f} s per {runs['default_epoch_images']:,}-image "
-          f"epoch at batch 128 (compile {runs['default_compile_seconds']:.2f} s)")
+          f"epoch at batch {runs['default_batch_size']} (compile {runs['default_compile_seconds']:.2f} s)")
     print(f"wrote {args.out}")
 
 

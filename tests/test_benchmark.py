@@ -42,7 +42,8 @@ def test_quick_benchmark_runs_and_writes_results(tmp_path, capsys):
     assert lenet["ours"]["milliseconds_per_step"] > 0 and lenet["jax_grad_nhwc"]["milliseconds_per_step"] > 0
     assert {"cpu", "cores", "jax_version", "device"} <= set(results["machine"])
     assert results["whole_runs"]["seed_preset_train_seconds"] > 0
-    assert "ours/same layout" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ours/same layout" in printed and "per 3,000-image epoch at batch 32 " in printed, printed
 
 
 @pytest.mark.parametrize("kind, peer", [("modern", speed.same_layout_loss_and_grads),

@@ -88,52 +88,51 @@ def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_and_sighup_stop_training_as_ctrl_c_does(tmp_path, small_mnist, signum):
-    """SIGTERM (`timeout`, `docker stop`, a job scheduler) or SIGHUP (the terminal closed, an SSH
-    connection dropped), once the first epoch line is out: the run stops after that epoch, says so,
-    writes its outputs and checkpoint, and returns 128 + the signal. A second SIGTERM aborts at once;
-    a second SIGHUP does not, as a hangup comes twice (from the shell and from the terminal). Sent by
-    the run to itself, in this process, where a handler of the test's own stands in for the
-    default one, which would end the test session."""
-    name = signal.Signals(signum).name
+def test_sighup_and_sigterm_stop_training_as_ctrl_c_does(tmp_path, small_mnist):
+    """SIGHUP (the terminal closed, an SSH connection dropped) once the first epoch line is out: the
+    run stops after that epoch, says so, writes its outputs and checkpoint, and returns 129. A
+    second SIGHUP, once it says it stops, changes nothing: a hangup comes twice, from the shell and
+    from the terminal. SIGTERM (`timeout`, `docker stop`, a job scheduler) stops a run the same
+    way, and a second one aborts at once. Sent by the run to itself, in this process, where
+    handlers of the test's own stand in for the default ones, which would end the test session."""
     outside = []
 
-    def stand_in(*_):
-        outside.append(f"{name} reached the test's handler")
+    def stand_in(signum, frame):
+        outside.append(f"{signal.Signals(signum).name} reached the test's handler")
 
-    previous = signal.signal(signum, stand_in)
+    previous = {signum: signal.signal(signum, stand_in) for signum in (signal.SIGHUP, signal.SIGTERM)}
     try:
-        lines = []
-
-        def log(line, again_at=None):
-            lines.append(line)
-            if line.startswith("epoch ") or again_at and line.startswith(again_at):
-                os.kill(os.getpid(), signum)
+        def log_and_send(signum, lines):
+            def log(line):
+                lines.append(line)
+                if line.startswith(("epoch ", "interrupted")):
+                    os.kill(os.getpid(), signum)
+            return log
 
         flags = [*SMALL_RUN, "--data-dir", small_mnist, "--save", str(tmp_path / "run.npz")]
-        # A SIGHUP comes again once the run says it stops, and changes nothing.
-        again = "interrupted" if signum == signal.SIGHUP else None
-        status = model.main([*flags, "--out-dir", str(tmp_path / "out")], log=lambda line: log(line, again))
-        assert status == 128 + signum, lines
-        assert outside == [], f"model.main left {name} to the handler it found"
+        lines = []
+        status = model.main([*flags, "--out-dir", str(tmp_path / "out")], log=log_and_send(signal.SIGHUP, lines))
+        assert status == 128 + signal.SIGHUP, lines
+        assert outside == [], "model.main left SIGHUP to the handler it found"
         assert [line for line in lines if line.startswith("interrupted")] == [
-            f"interrupted by {name}: training stopped after epoch 1 of 6; writing what it trained "
+            "interrupted by SIGHUP: training stopped after epoch 1 of 6; writing what it trained "
             "(Ctrl-C again aborts at once)"], lines
         assert len(json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]) == 1
         assert {path.name for path in (tmp_path / "out").iterdir()} == set(model.OUTPUT_FILES)
         assert len(json.loads(str(checkpoint_arrays(tmp_path / "run.npz")["run/epochs"]))) == 1
 
-        if signum == signal.SIGTERM:
-            # Again, and a second SIGTERM once it says it stops: out at once, nothing half-written.
-            with pytest.raises(KeyboardInterrupt) as aborted:
-                model.main([*flags, "--out-dir", str(tmp_path / "again")],
-                           log=lambda line: log(line, again_at="interrupted"))
-            assert aborted.value.args == (signal.SIGTERM,)
-            assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]
-        assert signal.getsignal(signum) is stand_in and outside == []  # put back as it was
+        lines = []
+        with pytest.raises(KeyboardInterrupt) as aborted:
+            model.main([*flags, "--out-dir", str(tmp_path / "again")], log=log_and_send(signal.SIGTERM, lines))
+        assert aborted.value.args == (signal.SIGTERM,) and outside == []
+        assert [line for line in lines if line.startswith("interrupted")] == [
+            "interrupted by SIGTERM: training stopped after epoch 1 of 6; writing what it trained "
+            "(Ctrl-C again aborts at once)"], lines
+        assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]  # nothing half-written
+        assert all(signal.getsignal(signum) is stand_in for signum in previous)  # put back as they were
     finally:
-        signal.signal(signum, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def test_a_hung_up_terminal_is_a_closed_stdout(monkeypatch, capsys):
