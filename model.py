@@ -26,8 +26,11 @@ import signal
 import sys
 
 STOPPED_BY_CTRL_C = "model.py: stopped by Ctrl-C; every file written so far is complete"
-# The signals that stop training after its epoch (StopOnInterrupt), as the user knows them.
-STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+# The signals that stop training after its epoch (StopOnInterrupt), as the user knows them. Windows
+# has no SIGHUP (nor SIGPIPE).
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+if hasattr(signal, "SIGHUP"):
+    STOP_SIGNALS[signal.SIGHUP] = "SIGHUP"
 
 
 def stop_at_once(signum, frame):
@@ -941,7 +944,7 @@ class StopOnInterrupt:
     def _interrupt(self, signum, frame):
         if self.signal is None:
             self.signal = signum
-        elif signum != signal.SIGHUP:  # a hangup comes twice, from the shell and from the terminal
+        elif STOP_SIGNALS[signum] != "SIGHUP":  # a hangup comes twice, from the shell and from the terminal
             raise KeyboardInterrupt(signum)
 
     def __call__(self):
@@ -1416,7 +1419,8 @@ def print_line(line, interrupted):
         except OSError:  # stderr went the same way (2>&1, or the same terminal)
             os.dup2(nowhere, sys.stderr.fileno())
         os.close(nowhere)
-        interrupted.request(signal.SIGPIPE if error.errno == errno.EPIPE else signal.SIGHUP)
+        # As the signal would have stopped it; Windows has neither, and stops it as SIGTERM would.
+        interrupted.request(getattr(signal, "SIGPIPE" if error.errno == errno.EPIPE else "SIGHUP", signal.SIGTERM))
 
 
 def main(argv=None, log=None):
@@ -1524,7 +1528,7 @@ def main(argv=None, log=None):
             if stopped:
                 # Ctrl-C is the usual way, and needs no naming (nor a closed stdout, where the line goes
                 # nowhere); the exit status is 128 + the signal's number.
-                named = interrupted.signal in (signal.SIGTERM, signal.SIGHUP)
+                named = interrupted.signal in STOP_SIGNALS and interrupted.signal != signal.SIGINT
                 by = f" by {STOP_SIGNALS[interrupted.signal]}" if named else ""
                 log(f"interrupted{by}: training stopped after epoch {len(epochs)} of {args.epochs}; writing "
                     "what it trained (Ctrl-C again aborts at once)")
