@@ -135,6 +135,20 @@ def test_sighup_and_sigterm_stop_training_as_ctrl_c_does(tmp_path, small_mnist):
             signal.signal(signum, handler)
 
 
+def test_signals_the_run_was_started_ignoring_stay_ignored():
+    """`nohup python model.py` ignores SIGHUP so that the run goes on when its terminal closes, and a
+    shell script's `python model.py &` ignores SIGINT: training must not take them over."""
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGHUP, signal.SIGINT)}
+    try:
+        with model.StopOnInterrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the one not ignored is taken
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def test_a_hung_up_terminal_is_a_closed_stdout(monkeypatch, capsys):
     """After a hangup, writing to the terminal fails with EIO, not a broken pipe's EPIPE; the run
     then has no more use for stdout either, and stops as for a SIGHUP. Here stdout is the far end of
