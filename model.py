@@ -42,7 +42,7 @@ def stop_at_once(signum, frame):
     os._exit(130)
 
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+if __name__ == "__main__":
     signal.signal(signal.SIGINT, stop_at_once)
 
 # The imports below take a second or more: Ctrl-C is handled before them, so they come after code.
@@ -927,15 +927,17 @@ class StopOnInterrupt:
     training to stop once the epoch running has finished (calling the object says whether it has
     been asked; .signal is the one that asked); a second Ctrl-C or SIGTERM aborts at once with
     KeyboardInterrupt(its number). Every file is written atomically, so an abort leaves none
-    half-written. A signal the run was started ignoring stays ignored: `nohup` ignores SIGHUP, so
-    that the run goes on when its terminal closes; a shell script's `python model.py &`, SIGINT."""
+    half-written. A SIGHUP the run was started ignoring stays ignored: `nohup` ignores it so that
+    the run goes on when its terminal closes. (Not so SIGINT, which a shell ignores in the jobs a
+    script starts in the background: a `kill -INT` meant for such a run still stops it as Ctrl-C
+    would, as it stops the tests' runs however the tests were started.)"""
 
     def __init__(self):
         self.signal = None
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self._interrupt) for number in STOP_SIGNALS
-                         if signal.getsignal(number) is not signal.SIG_IGN}
+                         if not (STOP_SIGNALS[number] == "SIGHUP" and signal.getsignal(number) is signal.SIG_IGN)}
         return self
 
     def request(self, signum):
