@@ -27,10 +27,11 @@ import sys
 
 STOPPED_BY_CTRL_C = "model.py: stopped by Ctrl-C; every file written so far is complete"
 # The signals that stop training after its epoch (StopOnInterrupt), as the user knows them. Windows
-# has no SIGHUP (nor SIGPIPE).
+# has no SIGHUP (HANGUP is None there), nor SIGPIPE.
+HANGUP = getattr(signal, "SIGHUP", None)
 STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-if hasattr(signal, "SIGHUP"):
-    STOP_SIGNALS[signal.SIGHUP] = "SIGHUP"
+if HANGUP is not None:
+    STOP_SIGNALS[HANGUP] = "SIGHUP"
 
 
 def stop_at_once(signum, frame):
@@ -937,7 +938,7 @@ class StopOnInterrupt:
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self._interrupt) for number in STOP_SIGNALS
-                         if not (STOP_SIGNALS[number] == "SIGHUP" and signal.getsignal(number) is signal.SIG_IGN)}
+                         if not (number == HANGUP and signal.getsignal(number) is signal.SIG_IGN)}
         return self
 
     def request(self, signum):
@@ -948,7 +949,7 @@ class StopOnInterrupt:
     def _interrupt(self, signum, frame):
         if self.signal is None:
             self.signal = signum
-        elif STOP_SIGNALS[signum] != "SIGHUP":  # a hangup comes twice, from the shell and from the terminal
+        elif signum != HANGUP:  # a hangup comes twice, from the shell and from the terminal
             raise KeyboardInterrupt(signum)
 
     def __call__(self):
@@ -1424,7 +1425,8 @@ def print_line(line, interrupted):
             os.dup2(nowhere, sys.stderr.fileno())
         os.close(nowhere)
         # As the signal would have stopped it; Windows has neither, and stops it as SIGTERM would.
-        interrupted.request(getattr(signal, "SIGPIPE" if error.errno == errno.EPIPE else "SIGHUP", signal.SIGTERM))
+        closed_by = getattr(signal, "SIGPIPE", None) if error.errno == errno.EPIPE else HANGUP
+        interrupted.request(closed_by or signal.SIGTERM)
 
 
 def main(argv=None, log=None):
@@ -1479,7 +1481,8 @@ def main(argv=None, log=None):
 
     save_path = args.save or args.resume
     # Which data the run trains on, whatever folder holds it: a resumed run must go on with the same.
-    data_digest = fingerprint(train_images, train_labels, test_images, test_labels) if save_path else None
+    saves_run = save_path and not args.eval_only  # --eval-only --save saves parameters only
+    data_digest = fingerprint(train_images, train_labels, test_images, test_labels) if saves_run else None
     resume = None
     if args.load:
         params = load_checkpoint(args.load, network, stored=stored_params)
