@@ -1405,12 +1405,17 @@ def network_for_data(kind, data_dir, train_images, train_labels):
                          "--preset whose network fits them") from None
 
 
-def print_line(line, interrupted):
+# What a run does once its stdout has been closed (print_line), in the words stderr says it in.
+TRAINING_STOPS = "training stops after the epoch running and writes what it trained"
+
+
+def print_line(line, interrupted, then=TRAINING_STOPS):
     """Prints line to stdout, flushed (even into a pipe). Once stdout's reader has gone (a closed
     pipe, EPIPE: `| head`, or `| tee` ended by the same Ctrl-C; a terminal hung up, EIO), the lines
-    can only be dropped, not the run: stdout is pointed at /dev/null, stderr says so once, and
-    training is asked to stop after its epoch (interrupted, a StopOnInterrupt), as a Ctrl-C would,
-    so that what it trained is written. The exit status is then 128 + SIGPIPE, or + SIGHUP."""
+    can only be dropped, not the run: stdout is pointed at /dev/null, stderr says so once, adding
+    `then`, what the run does now, and training is asked to stop after its epoch (interrupted, a
+    StopOnInterrupt), as a Ctrl-C would, so that what it trained is written. The exit status is then
+    128 + SIGPIPE, or + SIGHUP."""
     try:
         print(line, flush=True)
     except OSError as error:
@@ -1419,8 +1424,8 @@ def print_line(line, interrupted):
         nowhere = os.open(os.devnull, os.O_WRONLY)
         os.dup2(nowhere, sys.stdout.fileno())
         try:
-            print("model.py: standard output was closed (whatever read it has gone); training stops after the "
-                  "epoch running and writes what it trained", file=sys.stderr, flush=True)
+            print(f"model.py: standard output was closed (whatever read it has gone); {then}", file=sys.stderr,
+                  flush=True)
         except OSError:  # stderr went the same way (2>&1, or the same terminal)
             os.dup2(nowhere, sys.stderr.fileno())
         os.close(nowhere)
@@ -1433,9 +1438,11 @@ def main(argv=None, log=None):
     """The command line's run; returns the exit status (130 when Ctrl-C interrupted training, 143
     when SIGTERM did, 129 when SIGHUP did, 141 when stdout was closed).
     log(line) prints what the run reports (print_line by default)."""
-    interrupted = StopOnInterrupt()
-    log = log or functools.partial(print_line, interrupted=interrupted)
     args = parse_args(argv)
+    interrupted = StopOnInterrupt()
+    then = ("the remaining answers go unprinted" if args.load and args.predict else
+            "the evaluation goes on and writes its files" if args.eval_only else TRAINING_STOPS)
+    log = log or functools.partial(print_line, interrupted=interrupted, then=then)
     check_args(args)
     check_output_paths(args)
     if args.coordinator:
@@ -1453,7 +1460,7 @@ def main(argv=None, log=None):
         network = build_network(network_kind, *trained_for(stored_params))
         drawings = [(path,) + load_drawing(path, network.input_shape) for path in args.predict]
         classify_drawings(network, load_checkpoint(args.load, network, stored=stored_params), drawings, log)
-        return 0
+        return 128 + interrupted.signal if interrupted() else 0
     train_images, train_labels, test_images, test_labels = load_idx(args.data_dir)
     network = network_for_data(network_kind, args.data_dir, train_images, train_labels)
     # Read now: an unreadable image is refused before any training, not after it.

@@ -165,6 +165,22 @@ def test_a_hung_up_terminal_is_a_closed_stdout(monkeypatch, capsys):
     sys.stdout.close()
 
 
+def test_a_closed_stdout_while_classifying_drawings_says_so_in_their_terms(tmp_path, monkeypatch, capsys):
+    """`--load --predict` into `| head -0`: nothing is trained, so stderr's line speaks of the
+    answers, not of training, and the exit status says the output was cut short (141), as a
+    training run's does."""
+    save_run(tmp_path / "net.npz")
+    Image.fromarray(np.full((28, 28), 255, np.uint8), "L").save(tmp_path / "blank.png")
+    reader, writer = os.pipe()
+    os.close(reader)
+    monkeypatch.setattr(sys, "stdout", os.fdopen(writer, "w"))
+    status = model.main(["--load", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "blank.png")])
+    assert status == 128 + signal.SIGPIPE
+    assert capsys.readouterr().err == ("model.py: standard output was closed (whatever read it has gone); the "
+                                       "remaining answers go unprinted\n")
+    sys.stdout.close()
+
+
 def test_a_closed_stdout_stops_training_and_keeps_what_it_trained(tmp_path, small_mnist):
     """`python model.py | head -2`, or `| tee` ended by the same Ctrl-C: once what read stdout has
     gone, printing fails. That ended the run with "Broken pipe" and wrote nothing. Now the run says
