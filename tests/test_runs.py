@@ -165,19 +165,25 @@ def test_a_hung_up_terminal_is_a_closed_stdout(monkeypatch, capsys):
     sys.stdout.close()
 
 
-def test_a_closed_stdout_while_classifying_drawings_says_so_in_their_terms(tmp_path, monkeypatch, capsys):
-    """`--load --predict` into `| head -0`: nothing is trained, so stderr's line speaks of the
-    answers, not of training, and the exit status says the output was cut short (141), as a
-    training run's does."""
+@pytest.mark.parametrize("mode, then", [("--predict", "the remaining answers go unprinted"),
+                                        ("--eval-only", "the evaluation goes on and writes its files")])
+def test_a_closed_stdout_without_training_says_what_goes_on_instead(tmp_path, small_mnist, monkeypatch, capsys,
+                                                                    mode, then):
+    """`--load --predict` or `--load --eval-only` into `| head -0`: nothing is trained, so stderr's
+    line says what the run does instead of speaking of training, and the exit status says the
+    output was cut short (141), as a training run's does."""
     save_run(tmp_path / "net.npz")
     Image.fromarray(np.full((28, 28), 255, np.uint8), "L").save(tmp_path / "blank.png")
     reader, writer = os.pipe()
     os.close(reader)
     monkeypatch.setattr(sys, "stdout", os.fdopen(writer, "w"))
-    status = model.main(["--load", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "blank.png")])
+    flags = [str(tmp_path / "blank.png")] if mode == "--predict" else ["--out-dir", str(tmp_path / "out"),
+                                                                       "--data-dir", small_mnist]
+    status = model.main(["--load", str(tmp_path / "net.npz"), mode, *flags])
     assert status == 128 + signal.SIGPIPE
-    assert capsys.readouterr().err == ("model.py: standard output was closed (whatever read it has gone); the "
-                                       "remaining answers go unprinted\n")
+    assert capsys.readouterr().err == f"model.py: standard output was closed (whatever read it has gone); {then}\n"
+    if mode == "--eval-only":
+        assert (tmp_path / "out" / "metrics.json").exists()
     sys.stdout.close()
 
 
