@@ -1405,7 +1405,7 @@ def network_for_data(kind, data_dir, train_images, train_labels):
                          "--preset whose network fits them") from None
 
 
-# What a run does once its stdout has been closed (print_line), in the words stderr says it in.
+# What a training run does once its stdout has been closed, as print_line's line on stderr says it.
 TRAINING_STOPS = "training stops after the epoch running and writes what it trained"
 
 
