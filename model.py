@@ -25,7 +25,8 @@ import os
 import signal
 import sys
 
-STOPPED_BY_CTRL_C = "model.py: stopped by Ctrl-C; every file written so far is complete"
+# The line a run stopped at once ends with, naming what stopped it ("Ctrl-C", "SIGTERM").
+STOPPED_BY = "model.py: stopped by {}; every file written so far is complete"
 # The signals that stop training after its epoch (StopOnInterrupt), as the user knows them. Windows
 # has no SIGHUP (HANGUP is None there), nor SIGPIPE.
 HANGUP = getattr(signal, "SIGHUP", None)
@@ -39,7 +40,7 @@ def stop_at_once(signum, frame):
     (StopOnInterrupt): nothing is being written then, so the process ends at once, in one line, with
     status 130. Python's own KeyboardInterrupt could land inside JAX's import or one of its callbacks,
     which prints a traceback or swallows the interrupt and carries on."""
-    print(STOPPED_BY_CTRL_C, file=sys.stderr, flush=True)
+    print(STOPPED_BY.format("Ctrl-C"), file=sys.stderr, flush=True)
     os._exit(130)
 
 
@@ -947,10 +948,9 @@ class StopOnInterrupt:
             self.signal = signum
 
     def _interrupt(self, signum, frame):
-        if self.signal is None:
-            self.signal = signum
-        elif signum != HANGUP:  # a hangup comes twice, from the shell and from the terminal
+        if self() and signum != HANGUP:  # a hangup comes twice, from the shell and from the terminal
             raise KeyboardInterrupt(signum)
+        self.request(signum)
 
     def __call__(self):
         return self.signal is not None
@@ -1623,7 +1623,7 @@ def run_as_program(argv=None):
         exit_now(f"model.py: error: {path}: {error.strerror}" if path else f"model.py: error: {error}")
     except KeyboardInterrupt as stop:  # a second signal while training or writing (StopOnInterrupt)
         signum = stop.args[0] if stop.args else signal.SIGINT
-        print(STOPPED_BY_CTRL_C.replace("Ctrl-C", STOP_SIGNALS[signum]), file=sys.stderr)
+        print(STOPPED_BY.format(STOP_SIGNALS[signum]), file=sys.stderr)
         exit_now(128 + signum, leave_together=False)
     except Exception as error:
         line = out_of_memory(error)

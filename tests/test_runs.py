@@ -84,7 +84,7 @@ def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
     process.send_signal(signal.SIGINT)
     output, errors = process.communicate(timeout=60)
     assert process.returncode == 130 and output == "", output + errors
-    assert errors == model.STOPPED_BY_CTRL_C + "\n"
+    assert errors == model.STOPPED_BY.format("Ctrl-C") + "\n"
     assert os.listdir(tmp_path) == []
 
 
