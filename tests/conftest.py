@@ -114,9 +114,10 @@ def save_run(path, flags=(), epochs_done=0, **config):
 
     args = model.parse_args(list(flags))
     network = model.build_network("modern")
-    params = network.init(model.run_keys(args.seed)[0])
+    init_key, shuffle_key = model.run_keys(args.seed)
+    params = network.init(init_key)
     run = {"config": {**{name: getattr(args, name) for name in model.RUN_FLAGS}, **config},
-           "shuffle_key": model.run_keys(args.seed)[1],
+           "shuffle_key": shuffle_key,
            "epochs": [{"epoch": epoch, "train_loss": 0.5, "test_accuracy": 0.9, "seconds": 1.0}
                       for epoch in range(1, epochs_done + 1)]}
     model.save_checkpoint(str(path), params, network, params, run)
