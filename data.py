@@ -7,7 +7,8 @@ An IDX file is a big-endian header followed by raw bytes:
             columns, channels, the channels last;
     labels: magic 2049 (0x00000801: unsigned bytes, 1 dimension), count, then count labels.
 A dataset is four such files in one folder, under MNIST's names (FILES; an images file may say
-idx4 for idx3). Each file may be gzip-compressed (NAME.gz) or raw (NAME). The loader checks
+idx4 for idx3, and any file may have a dot for the hyphen before "idx", train-images.idx3-ubyte, as
+some copies of MNIST and Fashion-MNIST do). Each file may be gzip-compressed (NAME.gz) or raw (NAME). The loader checks
 everything it can (header, exact size, matching counts, train and test images of one shape, labels
 0..K-1 with K >= 2 read from the training labels, and SHA-256 where the folder has SHA256SUMS) and
 raises DataError with one line that names the file, what is wrong and what to do.
@@ -44,9 +45,11 @@ def counted(count, word, plural=None):
 
 
 def _names(key):
-    """The file names key may have: MNIST's, and for images the same with idx4 for idx3."""
+    """The file names key may have: MNIST's; for images the same with idx4 for idx3; and each of
+    those with a dot for the hyphen before "idx"."""
     name = FILES[key]
-    return (name, name.replace("idx3", "idx4")) if key.endswith("images") else (name,)
+    names = (name, name.replace("idx3", "idx4")) if key.endswith("images") else (name,)
+    return names + tuple(name.replace("-idx", ".idx") for name in names)
 
 
 def dataset_file(data_dir, key):

@@ -59,6 +59,15 @@ def test_gzip_and_raw_give_identical_arrays(tmp_path):
         np.testing.assert_array_equal(a, written[key])
 
 
+def test_files_named_with_a_dot_before_idx_are_found(tmp_path):
+    """Some copies of MNIST (and Fashion-MNIST) name their files train-images.idx3-ubyte."""
+    written = write_dataset(tmp_path, compress=False)
+    for name in FILES.values():
+        os.rename(tmp_path / name, tmp_path / name.replace("-idx", ".idx"))
+    for key, loaded in zip(FILES, load_idx(str(tmp_path))):
+        np.testing.assert_array_equal(loaded, written[key])
+
+
 def test_checksums_are_verified_when_present(tmp_path):
     write_dataset(tmp_path, checksums=True)
     assert len(load_idx(str(tmp_path))[0]) == 5
