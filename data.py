@@ -66,6 +66,11 @@ def _read_bytes(data_dir, key):
     """The decompressed bytes of the file of key in data_dir (dataset_file), and its path."""
     path = dataset_file(data_dir, key)
     if path is None:
+        for name in _names(key):
+            if os.path.isdir(os.path.join(data_dir, name)):
+                # Some archives unpack every file into a folder of its own name.
+                raise DataError(f"{os.path.join(data_dir, name)} is a folder, not the IDX file; move the file "
+                                f"it holds up into {data_dir!r}")
         raise DataError(f"{os.path.join(data_dir, FILES[key])}.gz (or uncompressed {FILES[key]}) not found in "
                         f"{data_dir!r}; point --data-dir at a folder holding the four IDX files "
                         f"({', '.join(FILES.values())})")

@@ -98,6 +98,16 @@ def test_missing_file(tmp_path):
     expect_error(tmp_path, "t10k-labels-idx1-ubyte.gz", "not found")
 
 
+def test_a_folder_under_a_file_name(tmp_path):
+    """Some archives unpack each file into a folder of the same name."""
+    write_dataset(tmp_path, compress=False)
+    name = "train-labels-idx1-ubyte"
+    os.rename(tmp_path / name, tmp_path / "labels")
+    os.mkdir(tmp_path / name)
+    os.rename(tmp_path / "labels", tmp_path / name / name)
+    expect_error(tmp_path, f"{tmp_path / name} is a folder, not the IDX file", "move the file")
+
+
 def test_wrong_magic_number(tmp_path):
     arrays = write_dataset(tmp_path)
     # Labels stored under the images' name: magic 2049 where 2051 belongs.
