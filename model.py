@@ -714,7 +714,11 @@ def check_args(args, available_train_images=None):
             raise UsageError(f"--train-size {args.train_size} exceeds the {left} training images "
                              f"available{held_out}")
     if args.batch_size > args.train_size:
-        raise UsageError(f"--batch-size {args.batch_size} exceeds --train-size {args.train_size}")
+        if "train_size" in args.explicit:
+            raise UsageError(f"--batch-size {args.batch_size} exceeds --train-size {args.train_size}")
+        left = f" left after --val-size {args.val_size}" if args.val_size else ""
+        raise UsageError(f"--batch-size {args.batch_size} exceeds the {args.train_size} training images{left}; "
+                         "give a smaller --batch-size")
     if args.eval_only and not args.load:
         raise UsageError("--eval-only needs --load CHECKPOINT: there is nothing trained to evaluate")
     if args.resume and (args.load or args.eval_only):
