@@ -1112,7 +1112,7 @@ def filters_figure(kernels):
     D, C, K, _ = kernels.shape
     names = ["red", "green", "blue"] if C == 3 else [f"channel {c}" for c in range(C)]
     rows = C + (C == 3)
-    figure = Figure(figsize=(2.2 * D, 0.6 + 2.0 * rows))
+    figure = Figure(figsize=(max(2.2 * D, 5.5), 0.6 + 2.0 * rows))  # at least as wide as the title
     axes = figure.subplots(rows, D, squeeze=False)
     figure.subplots_adjust(left=0.06 if C > 1 else 0.02, right=0.98, bottom=0.03, top=1 - 0.6 / (0.6 + 2.0 * rows),
                            wspace=0.1, hspace=0.1)
@@ -1137,49 +1137,42 @@ def filters_figure(kernels):
     return figure
 
 
-def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions, classes):
-    """metrics.json, loss_curve.png (if anything was trained), learned_filters.png, the classes x classes
-    confusion_matrix.png and misclassified.png in out_dir; removes any other of OUTPUT_FILES left
-    there by an earlier run, since it would describe another run.
-
-    The figures are matplotlib Figure objects drawn straight to PNG, without pyplot's window
-    machinery, and laid out by hand: an automatic layout pass costs more than the drawing.
-    """
+def loss_figure(epochs):
+    """The mean training loss (log scale) and the evaluation accuracy per epoch, side by side, from
+    metrics.json's epochs (at least one)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import LogFormatter
 
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
+    class PlainLogFormatter(LogFormatter):
+        """matplotlib's own choice of which ticks of a log axis to label (the minor ones, 0.2, 0.3 ...,
+        too where the axis spans less than a decade), each written as 0.3, not as 3 x 10^-1, which
+        would build matplotlib's TeX-like parser (PERFORMANCE.md)."""
 
-    def save_figure(figure, name):
-        write_atomically(os.path.join(out_dir, name), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
-        written.append(name)
+        def _num_to_string(self, value, vmin, vmax):
+            return f"{value:g}"
 
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=2)
+    numbers = [e["epoch"] for e in epochs]
+    which = "val" if "val_accuracy" in epochs[0] else "test"
+    figure = Figure(figsize=(10, 4))
+    loss_axis, accuracy_axis = figure.subplots(1, 2)
+    # Room on the left for tick labels as wide as 0.000125 (a loss within one decade gets such labels).
+    figure.subplots_adjust(left=0.1, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
+    loss_axis.semilogy(numbers, [e["train_loss"] for e in epochs], "o-")
+    loss_axis.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    loss_axis.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+    loss_axis.set(xlabel="epoch", ylabel="mean training loss (log scale)", title="training loss")
+    accuracy_axis.plot(numbers, [100 * e[f"{which}_accuracy"] for e in epochs], "o-", color="C1")
+    accuracy_axis.set(xlabel="epoch", ylabel=f"{which} accuracy (%)", title=f"{which} accuracy")
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.set_xticks(numbers if len(numbers) <= 20 else numbers[::len(numbers) // 10])
+    return figure
 
-    write_atomically(os.path.join(out_dir, "metrics.json"), write_json)
-    written.append("metrics.json")
 
-    if metrics["epochs"]:
-        epochs = [e["epoch"] for e in metrics["epochs"]]
-        which = "val" if "val_accuracy" in metrics["epochs"][0] else "test"
-        figure = Figure(figsize=(10, 4))
-        loss_axis, accuracy_axis = figure.subplots(1, 2)
-        figure.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
-        loss_axis.semilogy(epochs, [e["train_loss"] for e in metrics["epochs"]], "o-")
-        # Decades as 0.1, 0.01: matplotlib's default 10^-1 would build its TeX-like parser (PERFORMANCE.md).
-        loss_axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        loss_axis.set(xlabel="epoch", ylabel="mean training loss (log scale)", title="training loss")
-        accuracy_axis.plot(epochs, [100 * e[f"{which}_accuracy"] for e in metrics["epochs"]], "o-", color="C1")
-        accuracy_axis.set(xlabel="epoch", ylabel=f"{which} accuracy (%)", title=f"{which} accuracy")
-        for axis in (loss_axis, accuracy_axis):
-            axis.grid(alpha=0.3)
-            axis.set_xticks(epochs if len(epochs) <= 20 else epochs[::len(epochs) // 10])
-        save_figure(figure, "loss_curve.png")
-
-    save_figure(filters_figure(np.asarray(kernels)), "learned_filters.png")
+def confusion_figure(test_labels, predictions, classes):
+    """The classes x classes confusion matrix of the test images, each cell's count written in it
+    (up to 20 classes), shaded by its logarithm."""
+    from matplotlib.figure import Figure
 
     confusion = np.zeros((classes, classes), np.int64)
     np.add.at(confusion, (np.asarray(test_labels, np.int64), predictions), 1)
@@ -1193,11 +1186,17 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
                       color="white" if image.norm(np.log1p(count)) > 0.6 else "black")
         axis.set(xticks=range(classes), yticks=range(classes))
     axis.set(xlabel="predicted class", ylabel="true class", title=f"confusion matrix, {len(test_labels)} test images")
-    save_figure(figure, "confusion_matrix.png")
+    return figure
 
-    # The misclassified images as one mosaic in one axes, each tile labelled: far cheaper to draw than
-    # an axes per image. Colour images are shown in colour, on white; grey ones as MNIST's digits are
-    # usually shown, dark ink on white.
+
+def misclassified_figure(test_images, test_labels, predictions):
+    """The first 48 misclassified test images, each labelled with its true and predicted class.
+
+    One mosaic in one axes, each tile labelled: far cheaper to draw than an axes per image. Colour
+    images are shown in colour, on white; grey ones as MNIST's digits are usually shown, dark ink on
+    white."""
+    from matplotlib.figure import Figure
+
     wrong = np.flatnonzero(predictions != test_labels)[:48]
     colour = test_images.ndim == 4 and test_images.shape[3] == 3
     tiles = test_images if colour or test_images.ndim == 3 else test_images[..., 0]  # other channel counts: the first
@@ -1219,10 +1218,32 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
         axis.imshow(np.ma.masked_invalid(mosaic), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     axis.axis("off")
     figure.suptitle(f"first {len(wrong)} of {int((predictions != test_labels).sum())} misclassified test images")
-    save_figure(figure, "misclassified.png")
+    return figure
 
+
+def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions, classes):
+    """metrics.json, loss_curve.png (if anything was trained), learned_filters.png, the classes x classes
+    confusion_matrix.png and misclassified.png in out_dir; removes any other of OUTPUT_FILES left
+    there by an earlier run, since it would describe another run.
+
+    The figures are matplotlib Figure objects drawn straight to PNG, without pyplot's window
+    machinery, and laid out by hand: an automatic layout pass costs more than the drawing.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=2)
+
+    write_atomically(os.path.join(out_dir, "metrics.json"), write_json)
+    figures = {"loss_curve.png": loss_figure(metrics["epochs"])} if metrics["epochs"] else {}
+    figures["learned_filters.png"] = filters_figure(np.asarray(kernels))
+    figures["confusion_matrix.png"] = confusion_figure(test_labels, predictions, classes)
+    figures["misclassified.png"] = misclassified_figure(test_images, test_labels, predictions)
+    for name, figure in figures.items():
+        write_atomically(os.path.join(out_dir, name), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     for name in OUTPUT_FILES:
-        if name not in written and os.path.exists(os.path.join(out_dir, name)):
+        if name != "metrics.json" and name not in figures and os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
 
 

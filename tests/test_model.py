@@ -469,6 +469,44 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
                     "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "seed")])
 
 
+def drawn_beyond_the_canvas(figure):
+    """How far (inches) anything drawn in figure reaches past its edges; 0 when it all fits."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    drawn = figure.get_tightbbox(FigureCanvasAgg(figure).get_renderer())
+    width, height = figure.get_size_inches()
+    return max(0.0, -drawn.x0, -drawn.y0, drawn.x1 - width, drawn.y1 - height)
+
+
+# A run's losses: over a decade (the default run's 15 epochs); within one (a short run), where
+# matplotlib labels the minor ticks too; flat near chance; far below 0.01 (fine-tuning, say).
+@pytest.mark.parametrize("losses", [[0.2030, 0.0728, 0.0093], [1.0566, 0.3602, 0.2610], [2.3026, 2.2990],
+                                    [0.00017, 0.00013]])
+def test_the_loss_curve_keeps_its_labels_on_the_picture(losses):
+    """Manual margins (no layout pass) must leave room for the tick labels: written as matplotlib
+    writes them by default (3 x 10^-1), the minor ones of a loss within one decade pushed the
+    y-axis label off the picture's left edge. And none is typeset by matplotlib's TeX-like parser,
+    which takes a quarter of a second to build (PERFORMANCE.md)."""
+    figure = model.loss_figure([{"epoch": epoch + 1, "train_loss": loss, "test_accuracy": 0.9}
+                                for epoch, loss in enumerate(losses)])
+    assert drawn_beyond_the_canvas(figure) == 0
+    labels = [label.get_text() for label in figure.axes[0].yaxis.get_ticklabels(which="both")]
+    assert any(labels) and not any("$" in label for label in labels), labels
+
+
+def test_the_other_pictures_keep_their_labels_on_them():
+    """The other three pictures at their most crowded: the filters of a colour first layer of one
+    and of two filters (each filter's column is narrower than the title, which overhung the picture),
+    20 classes (the most whose counts are written in the cells), small colour images among the
+    misclassified."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 20, 1000)
+    predictions = np.where(rng.random(1000) < 0.5, labels, (labels + 1) % 20)
+    images = rng.integers(0, 256, (1000, 12, 12, 3)).astype(np.uint8)
+    for figure in (model.filters_figure(rng.normal(size=(1, 3, 5, 5))), model.filters_figure(rng.normal(size=(2, 1, 3, 3))),
+                   model.confusion_figure(labels, predictions, 20), model.misclassified_figure(images, labels, predictions)):
+        assert drawn_beyond_the_canvas(figure) == 0, figure.texts or figure.axes[0].get_title()
+
+
 @pytest.mark.parametrize("error, amount", [
     # As `python model.py --batch-size 60000` met it on CPU under a 6 GB memory limit (ulimit -v):
     # a traceback ending in this line, from inside JAX. A GPU's says RESOURCE_EXHAUSTED instead.
