@@ -1217,7 +1217,10 @@ def misclassified_figure(test_images, test_labels, predictions):
     else:
         axis.imshow(np.ma.masked_invalid(mosaic), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     axis.axis("off")
-    figure.suptitle(f"first {len(wrong)} of {int((predictions != test_labels).sum())} misclassified test images")
+    count = int((predictions != test_labels).sum())
+    figure.suptitle("no test image misclassified" if not count else
+                    f"the {counted(count, 'misclassified test image')}" if count == len(wrong) else
+                    f"the first {len(wrong)} of {count} misclassified test images")
     return figure
 
 

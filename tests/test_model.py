@@ -507,6 +507,15 @@ def test_the_other_pictures_keep_their_labels_on_them():
         assert drawn_beyond_the_canvas(figure) == 0, figure.texts or figure.axes[0].get_title()
 
 
+def test_the_misclassified_picture_says_how_many_it_shows():
+    labels = np.arange(100) % 10
+    for wrong, title in [(0, "no test image misclassified"), (1, "the 1 misclassified test image"),
+                         (60, "the first 48 of 60 misclassified test images")]:
+        predictions = np.where(np.arange(100) < wrong, (labels + 1) % 10, labels)
+        figure = model.misclassified_figure(np.zeros((100, 28, 28), np.uint8), labels, predictions)
+        assert figure.get_suptitle() == title
+
+
 @pytest.mark.parametrize("error, amount", [
     # As `python model.py --batch-size 60000` met it on CPU under a 6 GB memory limit (ulimit -v):
     # a traceback ending in this line, from inside JAX. A GPU's says RESOURCE_EXHAUSTED instead.
