@@ -8,10 +8,11 @@ An IDX file is a big-endian header followed by raw bytes:
     labels: magic 2049 (0x00000801: unsigned bytes, 1 dimension), count, then count labels.
 A dataset is four such files in one folder, under MNIST's names (FILES; an images file may say
 idx4 for idx3, and any file may have a dot for the hyphen before "idx", train-images.idx3-ubyte, as
-some copies of MNIST and Fashion-MNIST do). Each file may be gzip-compressed (NAME.gz) or raw (NAME). The loader checks
-everything it can (header, exact size, matching counts, train and test images of one shape, labels
-0..K-1 with K >= 2 read from the training labels, and SHA-256 where the folder has SHA256SUMS) and
-raises DataError with one line that names the file, what is wrong and what to do.
+some copies of MNIST and Fashion-MNIST do). Each file may be gzip-compressed (NAME.gz) or raw
+(NAME). The loader checks everything it can (header, exact size, matching counts, train and test
+images of one shape, labels 0..K-1 with K >= 2 read from the training labels, and SHA-256 where the
+folder has SHA256SUMS) and raises DataError with one line that names the file, what is wrong and
+what to do.
 """
 
 import gzip

@@ -1244,7 +1244,7 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
     figures["confusion_matrix.png"] = confusion_figure(test_labels, predictions, classes)
     figures["misclassified.png"] = misclassified_figure(test_images, test_labels, predictions)
     for name, figure in figures.items():
-        write_atomically(os.path.join(out_dir, name), lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+        write_atomically(os.path.join(out_dir, name), functools.partial(figure.savefig, format="png", dpi=110))
     for name in OUTPUT_FILES:
         if name != "metrics.json" and name not in figures and os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))

@@ -502,9 +502,12 @@ def test_the_other_pictures_keep_their_labels_on_them():
     labels = rng.integers(0, 20, 1000)
     predictions = np.where(rng.random(1000) < 0.5, labels, (labels + 1) % 20)
     images = rng.integers(0, 256, (1000, 12, 12, 3)).astype(np.uint8)
-    for figure in (model.filters_figure(rng.normal(size=(1, 3, 5, 5))), model.filters_figure(rng.normal(size=(2, 1, 3, 3))),
-                   model.confusion_figure(labels, predictions, 20), model.misclassified_figure(images, labels, predictions)):
-        assert drawn_beyond_the_canvas(figure) == 0, figure.texts or figure.axes[0].get_title()
+    figures = {"one colour filter": model.filters_figure(rng.normal(size=(1, 3, 5, 5))),
+               "two grey filters": model.filters_figure(rng.normal(size=(2, 1, 3, 3))),
+               "20 classes": model.confusion_figure(labels, predictions, 20),
+               "small colour images": model.misclassified_figure(images, labels, predictions)}
+    for name, figure in figures.items():
+        assert drawn_beyond_the_canvas(figure) == 0, name
 
 
 def test_the_misclassified_picture_says_how_many_it_shows():
