@@ -1572,6 +1572,13 @@ def main(argv=None, log=None):
                 # nowhere); the exit status is 128 + the signal's number.
                 named = interrupted.signal in STOP_SIGNALS and interrupted.signal != signal.SIGINT
                 by = f" by {STOP_SIGNALS[interrupted.signal]}" if named else ""
+                if len(epochs) == len(resume["epochs"] if resume else []):
+                    # Stopped before this run's first epoch (while it compiled): nothing was trained,
+                    # and writing would replace the outputs and checkpoint of an earlier run in the
+                    # same places with those of an untrained network.
+                    log(f"interrupted{by}: training stopped before epoch {len(epochs) + 1} of {args.epochs}; "
+                        "nothing was trained, so nothing is written")
+                    return 128 + interrupted.signal if interrupted() else 130
                 log(f"interrupted{by}: training stopped after epoch {len(epochs)} of {args.epochs}; writing "
                     "what it trained (Ctrl-C again aborts at once)")
 
@@ -1596,7 +1603,7 @@ def main(argv=None, log=None):
             write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions,
                           network.num_classes)
             log(f"wrote metrics.json and pictures to {args.out_dir}/")
-            if args.save and (args.eval_only or not epochs):
+            if args.save and args.eval_only:  # a training run saved its checkpoint after every epoch
                 save_checkpoint(args.save, params, network)
             if save_path:
                 log(f"saved parameters to {save_path}")

@@ -88,6 +88,32 @@ def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_ctrl_c_while_the_epoch_compiles_writes_nothing(tmp_path, small_mnist, monkeypatch):
+    """Ctrl-C once training has begun but before its first epoch has ended: nothing was trained. The
+    run wrote the pictures and metrics of its untrained network over those of an earlier run in the
+    same --out-dir, and its initial, random parameters over the --save checkpoint of that run. Now it
+    says so in one line, writes nothing and exits with 130. (In this process, the signal sent while
+    the epoch's function is made, just before it compiles.)"""
+    out, checkpoint = tmp_path / "out", tmp_path / "net.npz"
+    out.mkdir()
+    (out / "metrics.json").write_text("an earlier run's")
+    checkpoint.write_bytes(b"an earlier run's")
+    make_train_epoch = model.make_train_epoch
+
+    def interrupted_while_compiling(*args, **options):
+        os.kill(os.getpid(), signal.SIGINT)
+        return make_train_epoch(*args, **options)
+
+    monkeypatch.setattr(model, "make_train_epoch", interrupted_while_compiling)
+    lines = []
+    status = model.main([*SMALL_CLI_RUN, "--epochs", "2", "--data-dir", small_mnist, "--out-dir", str(out),
+                         "--save", str(checkpoint)], log=lines.append)
+    assert status == 130
+    assert lines[-1] == "interrupted: training stopped before epoch 1 of 2; nothing was trained, so nothing is written"
+    assert os.listdir(out) == ["metrics.json"] and (out / "metrics.json").read_text() == "an earlier run's"
+    assert checkpoint.read_bytes() == b"an earlier run's"
+
+
 def test_sighup_and_sigterm_stop_training_as_ctrl_c_does(tmp_path, small_mnist):
     """SIGHUP (the terminal closed, an SSH connection dropped) once the first epoch line is out: the
     run stops after that epoch, says so, writes its outputs and checkpoint, and returns 129. A
