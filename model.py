@@ -771,13 +771,18 @@ def check_output_paths(args):
     a folder where no file can be made. Only process 0 writes; with --load and --predict, nothing."""
     if args.process_id != 0:
         return
-    if not (args.load and args.predict):
+    writes_outputs = not (args.load and args.predict)
+    if writes_outputs:
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise UsageError(f"--out-dir {args.out_dir}: is a file; name a folder (it is made if missing)")
         require_writable_folder("--out-dir", args.out_dir, args.out_dir)
+    outputs = {os.path.realpath(os.path.join(args.out_dir, name)): name for name in OUTPUT_FILES}
     for flag, path in (("--save", args.save), ("--resume", args.resume)):
         if path:
             require_writable_file(flag, path, "run.npz")
+            if writes_outputs and os.path.realpath(path) in outputs:
+                raise UsageError(f"{flag} {path}: the run writes its {outputs[os.path.realpath(path)]} there, "
+                                 "over the checkpoint; give the checkpoint another name")
 
 
 def require_writable_file(flag, path, example_name):

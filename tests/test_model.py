@@ -400,6 +400,7 @@ REFUSALS = [
     (["--save", "."], "--save .: is a folder"),
     (["--save", "x.png/run.npz"], "x.png is a file, so no folder can be made there"),
     (["--load", "."], "--load .: is a folder"),
+    (["--save", "out/loss_curve.png"], "--save out/loss_curve.png: the run writes its loss_curve.png there"),
     (["--predict", "."], "--predict .: is a folder"),
     (["--save", ""], "--save: an empty path"),
     (["--resume", ""], "--resume: an empty path"),
