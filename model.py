@@ -767,20 +767,21 @@ def require_file(flag, path):
 
 def check_output_paths(args):
     """Refuses, before any training, an --out-dir or checkpoint path the run could not write when
-    it comes to it (UsageError, one line): a file where a folder must be, or the other way round, or
-    a folder where no file can be made. Only process 0 writes; with --load and --predict, nothing."""
+    it comes to it (UsageError, one line): a file where a folder must be, or the other way round, a
+    folder where no file can be made, or a checkpoint where the run writes one of its OUTPUT_FILES,
+    which would overwrite it. Only process 0 writes; with --load and --predict, nothing."""
     if args.process_id != 0:
         return
-    writes_outputs = not (args.load and args.predict)
-    if writes_outputs:
+    outputs = {}
+    if not (args.load and args.predict):
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise UsageError(f"--out-dir {args.out_dir}: is a file; name a folder (it is made if missing)")
         require_writable_folder("--out-dir", args.out_dir, args.out_dir)
-    outputs = {os.path.realpath(os.path.join(args.out_dir, name)): name for name in OUTPUT_FILES}
+        outputs = {os.path.realpath(os.path.join(args.out_dir, name)): name for name in OUTPUT_FILES}
     for flag, path in (("--save", args.save), ("--resume", args.resume)):
         if path:
             require_writable_file(flag, path, "run.npz")
-            if writes_outputs and os.path.realpath(path) in outputs:
+            if os.path.realpath(path) in outputs:
                 raise UsageError(f"{flag} {path}: the run writes its {outputs[os.path.realpath(path)]} there, "
                                  "over the checkpoint; give the checkpoint another name")
 
