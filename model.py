@@ -71,7 +71,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
-from data import SHIPPED_MNIST, DataError, counted, dataset_file, fingerprint, image_size, load_idx, number_of_classes
+from data import (SHIPPED_MNIST, DataError, counted, dataset_file, fingerprint, image_size, ink_span, load_idx,
+                  number_of_classes)
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 
 PRESETS = {
@@ -430,11 +431,13 @@ def current_umask():
     return umask
 
 
-def save_checkpoint(path, params, network, velocity=None, run=None):
-    """Writes params, and what they were trained for (the network's kind, input shape (C, H, W) and
-    number of classes), to an .npz file atomically. A checkpoint that a run can be resumed from also
-    holds the velocity (with momentum) and `run`: {"config": the run's flags, "shuffle_key": the
-    shuffling key after the epochs done, "epochs": their per-epoch records}."""
+def save_checkpoint(path, params, network, velocity=None, run=None, span=None):
+    """Writes params, and what they were trained for (the network's kind, input shape (C, H, W),
+    number of classes and, where given, `span`: how much of their frame the training images'
+    drawings span, data.ink_span, for --predict), to an .npz file atomically. A checkpoint that a
+    run can be resumed from also holds the velocity (with momentum) and `run`: {"config": the run's
+    flags, "shuffle_key": the shuffling key after the epochs done, "epochs": their per-epoch
+    records}."""
     def layer_arrays(prefix, tree):
         return {f"{prefix}layer{index}/{name}": np.asarray(value)
                 for index, layer_params in enumerate(tree) for name, value in layer_params.items()}
@@ -443,6 +446,8 @@ def save_checkpoint(path, params, network, velocity=None, run=None):
     arrays["network"] = np.array(network.kind)
     arrays["input_shape"] = np.array(network.input_shape)
     arrays["num_classes"] = np.array(network.num_classes)
+    if span is not None:
+        arrays["ink_span"] = np.array(span)
     if velocity is not None:
         arrays.update(layer_arrays("velocity/", velocity))
     if run is not None:
@@ -490,6 +495,10 @@ def check_records(stored):
             raise ValueError(f"input_shape {shape.tolist()}, not (channels, height, width)")
         if classes.dtype.kind not in "iu" or classes.shape != () or classes < 2:
             raise ValueError(f"num_classes {classes.tolist()}, not a number of classes")
+    if "ink_span" in stored:  # checkpoints from before it was recorded lack it
+        span = stored["ink_span"]
+        if span.dtype.kind != "f" or span.shape != () or not 0 < span <= 1:
+            raise ValueError(f"ink_span {span.tolist()}, not a fraction of the frame")
     if "run/config" in stored:
         try:
             config, epochs = json.loads(str(stored["run/config"])), json.loads(str(record("run/epochs")))
@@ -503,6 +512,12 @@ def check_records(stored):
             raise ValueError("run/shuffle_key is not a PRNG key")
         return {"run/config": config, "run/epochs": epochs}
     return {}
+
+
+def drawing_span(stored):
+    """How much of their frame the drawings a checkpoint's network was trained on span (data.ink_span);
+    MNIST's for a checkpoint from before checkpoints recorded it."""
+    return float(stored["ink_span"]) if "ink_span" in stored else MNIST_INK_SPAN
 
 
 def trained_for(stored):
@@ -995,20 +1010,22 @@ def accuracy_of(predictions, labels):
     return float(np.mean(np.asarray(predictions)[:len(labels)] == labels))
 
 
-# MNIST's digits fill a 20 x 20 box in their 28 x 28 field; --predict scales drawings the same way,
-# to this fraction of the field of the images the network was trained on.
-DIGIT_BOX = 20 / 28
+# MNIST's digits fill a 20 x 20 box in their 28 x 28 field (data.ink_span): --predict scales a
+# drawing to that fraction of the field for a checkpoint that does not record its data's.
+MNIST_INK_SPAN = 20 / 28
 
 
-def load_drawing(path, input_shape=MNIST_INPUT_SHAPE):
+def load_drawing(path, input_shape=MNIST_INPUT_SHAPE, span=MNIST_INK_SPAN):
     """An image file -> (the image prepared as the network's training images were, warning or None)
-    for a network of input_shape (C, H, W).
+    for a network of input_shape (C, H, W) trained on images whose drawings span `span` of their
+    frame (data.ink_span).
 
     Grey networks (C = 1), the way NIST's digits were made into MNIST's: transparency is composited
     onto a background of the colour opposite the ink (a canvas's black ink on transparent pixels
     becomes black on white); light ink on dark is what MNIST holds, so a dark-on-light image is
-    inverted; the digit is cut to its bounding box, scaled (keeping its aspect) to fit DIGIT_BOX of
-    the H x W field, and placed with its centre of mass at the field's centre. Returns (H, W) uint8.
+    inverted; the digit is cut to its bounding box, scaled (keeping its aspect) to fit `span` of the
+    H x W field (MNIST's 20 of 28; all of it for frame-filling images), and placed with its centre of
+    mass at the field's centre. Returns (H, W) uint8.
     Colour networks (C = 3): the whole picture, transparency composited onto white, resampled to
     H x W. Returns (H, W, 3) uint8.
     The warning is a line to print for an image with nothing in it.
@@ -1054,7 +1071,7 @@ def load_drawing(path, input_shape=MNIST_INPUT_SHAPE):
     ink = ink / ink.max()
     rows, columns = np.flatnonzero((ink > 0.1).any(axis=1)), np.flatnonzero((ink > 0.1).any(axis=0))
     ink = ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
-    scale = min(round(DIGIT_BOX * H) / ink.shape[0], round(DIGIT_BOX * W) / ink.shape[1])
+    scale = min(round(span * H) / ink.shape[0], round(span * W) / ink.shape[1])
     height, width = (max(1, round(side * scale)) for side in ink.shape)
     digit = np.clip(resampling(ink.shape[0], height) @ ink @ resampling(ink.shape[1], width).T, 0, 1)
     centre_row, centre_column = (float((digit.sum(axis=1 - axis) * np.arange(digit.shape[axis])).sum() / digit.sum())
@@ -1492,13 +1509,15 @@ def main(argv=None, log=None):
     if args.load and args.predict:
         # The checkpoint says what images and classes the network was trained for: no data is read.
         network = build_network(network_kind, *trained_for(stored_params))
-        drawings = [(path,) + load_drawing(path, network.input_shape) for path in args.predict]
+        span = drawing_span(stored_params)
+        drawings = [(path,) + load_drawing(path, network.input_shape, span) for path in args.predict]
         classify_drawings(network, load_checkpoint(args.load, network, stored=stored_params), drawings, log)
         return 128 + interrupted.signal if interrupted() else 0
     train_images, train_labels, test_images, test_labels = load_idx(args.data_dir)
     network = network_for_data(network_kind, args.data_dir, train_images, train_labels)
+    span = ink_span(train_images)  # for --predict, and recorded in the checkpoint for a later one
     # Read now: an unreadable image is refused before any training, not after it.
-    drawings = [(path,) + load_drawing(path, network.input_shape) for path in args.predict or ()]
+    drawings = [(path,) + load_drawing(path, network.input_shape, span) for path in args.predict or ()]
     fit_train_size(args, len(train_images))
     check_args(args, available_train_images=len(train_images))
     mesh = make_mesh(args)
@@ -1557,7 +1576,7 @@ def main(argv=None, log=None):
     def checkpoint(params, velocity, shuffle_key, epochs):
         if writes:
             save_checkpoint(save_path, params, network, velocity,
-                            {"config": config, "shuffle_key": shuffle_key, "epochs": epochs})
+                            {"config": config, "shuffle_key": shuffle_key, "epochs": epochs}, span)
 
     if writes:
         # The pictures' library, imported while XLA compiles the epoch (which releases Python's
@@ -1610,7 +1629,7 @@ def main(argv=None, log=None):
                           network.num_classes)
             log(f"wrote metrics.json and pictures to {args.out_dir}/")
             if args.save and args.eval_only:  # a training run saved its checkpoint after every epoch
-                save_checkpoint(args.save, params, network)
+                save_checkpoint(args.save, params, network, span=span)
             if save_path:
                 log(f"saved parameters to {save_path}")
         if args.predict and writes:

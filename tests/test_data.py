@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, idx_bytes
+import data
 from data import FILES, DataError, load_idx
 
 SHIPPED = os.path.join(ROOT, "data")
@@ -192,6 +193,20 @@ def test_shipped_data_passes_its_checksums_and_is_mnist():
     assert list(train_labels[:10]) == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert list(test_labels[:10]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert np.bincount(train_labels).min() > 5000
+    assert data.ink_span(train_images) == 20 / 28  # its digits scaled into a 20 x 20 box of 28 x 28
+
+
+def test_ink_span_measures_how_much_of_the_frame_the_drawings_fill():
+    """An image filled to its edges spans all of its frame; blank images are left out of the median.
+    (MNIST's 20 of 28: test_shipped_data_passes_its_checksums_and_is_mnist.)"""
+    images = np.zeros((5, 10, 12), np.uint8)
+    images[:3, 2:7, 0:12] = 200  # three images 5 of 10 rows high but 12 of 12 columns wide
+    assert data.ink_span(images) == 1.0
+    images[:3, :, 3:9] = 0  # the middle columns blank: the box still spans every column
+    assert data.ink_span(images) == 1.0
+    images[:3, :, 9:] = 0
+    assert data.ink_span(images) == 0.5  # columns 0..2 of 12 and rows 2..6 of 10: the rows' 5 of 10
+    assert data.ink_span(np.zeros((4, 8, 8), np.uint8)) == 1.0
 
 
 def test_model_refuses_a_broken_data_directory_in_one_line(tmp_path):

@@ -120,9 +120,31 @@ def test_grey_drawings_are_prepared_for_the_network_size(tmp_path):
     prepared, warning = model.load_drawing(str(tmp_path / "one.png"), (1, 16, 20))
     assert warning is None and prepared.shape == (16, 20)
     rows = np.flatnonzero(prepared.max(axis=1) > 25)
-    assert len(rows) == round(model.DIGIT_BOX * 16)  # the longer side fills the box, as MNIST's 20 of 28
+    assert len(rows) == round(model.MNIST_INK_SPAN * 16)  # the longer side fills the box, as MNIST's 20 of 28
+    # For a network trained on images whose drawings fill their frame (Fashion-MNIST's items), it
+    # fills the frame.
+    prepared, _ = model.load_drawing(str(tmp_path / "one.png"), (1, 16, 20), span=1.0)
+    assert len(np.flatnonzero(prepared.max(axis=1) > 25)) == 16
     with pytest.raises(model.UsageError, match="2-channel images"):
         model.load_drawing(str(tmp_path / "one.png"), (2, 16, 20))
+
+
+def test_predict_scales_drawings_as_the_checkpoints_data_was(tmp_path, monkeypatch):
+    """A checkpoint records how much of its frame a training image's drawing spans (data.ink_span):
+    --load --predict scales a drawing to that (a grey network trained on Fashion-MNIST's frame-filling
+    items, say), and to MNIST's 20 of 28 for a checkpoint that does not say."""
+    ink = np.zeros((90, 60), np.uint8)
+    ink[10:80, 25:35] = 255
+    Image.fromarray(ink, "L").save(tmp_path / "one.png")
+    network = model.build_network("modern")
+    params = network.init(jax.random.PRNGKey(0))
+    prepared = {}
+    monkeypatch.setattr(model, "classify_drawings",
+                        lambda network, params, drawings, log: prepared.update({len(prepared): drawings[0][1]}))
+    for span in (1.0, None):
+        model.save_checkpoint(str(tmp_path / "net.npz"), params, network, span=span)
+        assert model.main(["--load", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "one.png")]) == 0
+    assert [len(np.flatnonzero(image.max(axis=1) > 25)) for image in prepared.values()] == [28, 20]
 
 
 def test_large_drawings_are_read_without_pillows_warning_and_huge_ones_refused(tmp_path, monkeypatch):

@@ -349,6 +349,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     (dict(network="resnet"), "a network 'resnet' that this model.py does not know"),
     (dict(input_shape=[1, 28]), r"input_shape \[1, 28\], not \(channels, height, width\)"),
     (dict(num_classes=1.5), "num_classes 1.5, not a number of classes"),
+    (dict(ink_span=1.5), r"ink_span 1.5, not a fraction of the frame"),
     (dict(**{"run/config": "{not json"}), "run/config or run/epochs is not JSON"),
     (dict(**{"run/config": "[]"}), "run/config does not hold every flag of a run"),
     (dict(**{"run/shuffle_key": np.zeros(3, np.uint32)}), "run/shuffle_key is not a PRNG key"),
@@ -446,6 +447,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     # The checkpoint records, beside the run's flags, the devices it trained on (see --resume).
     with np.load(folder / "net.npz") as archive:
         assert json.loads(str(archive["run/config"]))["devices"] == 1
+        assert float(archive["ink_span"]) == model.MNIST_INK_SPAN  # for a later --predict (data.ink_span)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"config", "epochs", "test_accuracy", "train_seconds", "compile_seconds", "jax_version",
             "device"} <= set(metrics)
