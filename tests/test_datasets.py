@@ -138,13 +138,16 @@ def test_predict_scales_drawings_as_the_checkpoints_data_was(tmp_path, monkeypat
     Image.fromarray(ink, "L").save(tmp_path / "one.png")
     network = model.build_network("modern")
     params = network.init(jax.random.PRNGKey(0))
-    prepared = {}
-    monkeypatch.setattr(model, "classify_drawings",
-                        lambda network, params, drawings, log: prepared.update({len(prepared): drawings[0][1]}))
+    prepared = []
+
+    def classify_drawings(network, params, drawings, log):
+        prepared.extend(image for _, image, _ in drawings)
+
+    monkeypatch.setattr(model, "classify_drawings", classify_drawings)
     for span in (1.0, None):
         model.save_checkpoint(str(tmp_path / "net.npz"), params, network, span=span)
         assert model.main(["--load", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "one.png")]) == 0
-    assert [len(np.flatnonzero(image.max(axis=1) > 25)) for image in prepared.values()] == [28, 20]
+    assert [len(np.flatnonzero(image.max(axis=1) > 25)) for image in prepared] == [28, 20]  # rows with ink
 
 
 def test_large_drawings_are_read_without_pillows_warning_and_huge_ones_refused(tmp_path, monkeypatch):
