@@ -787,7 +787,7 @@ def check_output_paths(args):
     which would overwrite it. Only process 0 writes; with --load and --predict, nothing."""
     if args.process_id != 0:
         return
-    outputs = {}
+    outputs = {}  # {real path: name} of the files the run writes in --out-dir
     if not (args.load and args.predict):
         if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
             raise UsageError(f"--out-dir {args.out_dir}: is a file; name a folder (it is made if missing)")
@@ -796,9 +796,10 @@ def check_output_paths(args):
     for flag, path in (("--save", args.save), ("--resume", args.resume)):
         if path:
             require_writable_file(flag, path, "run.npz")
-            if os.path.realpath(path) in outputs:
-                raise UsageError(f"{flag} {path}: the run writes its {outputs[os.path.realpath(path)]} there, "
-                                 "over the checkpoint; give the checkpoint another name")
+            output = outputs.get(os.path.realpath(path))
+            if output:
+                raise UsageError(f"{flag} {path}: the run writes its {output} there, over the checkpoint; "
+                                 "give the checkpoint another name")
 
 
 def require_writable_file(flag, path, example_name):
@@ -979,6 +980,11 @@ class StopOnInterrupt:
 
     def __call__(self):
         return self.signal is not None
+
+    def exit_status(self, otherwise=0):
+        """128 + the signal's number once asked to stop (as a shell reports a process a signal ended),
+        else `otherwise`."""
+        return 128 + self.signal if self() else otherwise
 
     def __exit__(self, *exception):
         for number, handler in self.previous.items():
@@ -1512,7 +1518,7 @@ def main(argv=None, log=None):
         span = drawing_span(stored_params)
         drawings = [(path,) + load_drawing(path, network.input_shape, span) for path in args.predict]
         classify_drawings(network, load_checkpoint(args.load, network, stored=stored_params), drawings, log)
-        return 128 + interrupted.signal if interrupted() else 0
+        return interrupted.exit_status()
     train_images, train_labels, test_images, test_labels = load_idx(args.data_dir)
     network = network_for_data(network_kind, args.data_dir, train_images, train_labels)
     span = ink_span(train_images)  # for --predict, and recorded in the checkpoint for a later one
@@ -1603,7 +1609,7 @@ def main(argv=None, log=None):
                     # same places with those of an untrained network.
                     log(f"interrupted{by}: training stopped before epoch {len(epochs) + 1} of {args.epochs}; "
                         "nothing was trained, so nothing is written")
-                    return 128 + interrupted.signal if interrupted() else 130
+                    return interrupted.exit_status(130)
                 log(f"interrupted{by}: training stopped after epoch {len(epochs)} of {args.epochs}; writing "
                     "what it trained (Ctrl-C again aborts at once)")
 
@@ -1634,7 +1640,7 @@ def main(argv=None, log=None):
                 log(f"saved parameters to {save_path}")
         if args.predict and writes:
             classify_drawings(network, params, drawings, log)
-        return 128 + interrupted.signal if interrupted() else 130 if stopped else 0
+        return interrupted.exit_status(130 if stopped else 0)
 
 
 def exit_now(status, leave_together=True):
