@@ -111,6 +111,12 @@ SCAN_UNROLL = 2
 # more on every run; the results are the same bit for bit.
 ONCE_OPTIMISED = {"xla_backend_optimization_level": 1}
 
+# Where a run keeps what XLA compiled for it (JAX's persistent compilation cache), unless
+# JAX_COMPILATION_CACHE_DIR or --compile-cache says otherwise: a later run of the same shapes loads
+# each function from there instead of compiling it again (PERFORMANCE.md, "Time outside training").
+COMPILE_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                             "mnist-cnn-by-hand", "jax")
+
 
 class UsageError(Exception):
     """A flag value or file the user gave cannot work; the message is one line for the user."""
@@ -670,6 +676,13 @@ def parse_args(argv=None):
     parser.add_argument("--process-id", type=int, default=0, metavar="I", help="this process's number, 0 to P-1")
     parser.add_argument("--join-timeout", type=int, default=60, metavar="SECONDS",
                         help="how long to wait for every process to join before giving up (default: %(default)s)")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", metavar="DIR",
+                       help="keep the compiled functions in DIR, so that a later run of the same shapes loads them "
+                            "instead of compiling them again (default: $JAX_COMPILATION_CACHE_DIR, else "
+                            f"{COMPILE_CACHE.replace(os.path.expanduser('~'), '~', 1)})")
+    cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=False,
+                       help="compile every function afresh, and keep none")
     parser.add_argument("--predict", metavar="IMAGE", nargs="+",
                         help="classify pictures (any size; for digits, dark or light background, transparency "
                              "allowed); with --load, only that: no data is read and nothing is written")
@@ -702,7 +715,7 @@ def resume_flags(args):
 def check_args(args, available_train_images=None):
     """Refuses values that cannot work, before any work starts (UsageError, one line)."""
     # First: an empty path would read below as no flag at all (no --save, no --resume).
-    for name in ("data_dir", "out_dir", "save", "resume", "load"):
+    for name in ("data_dir", "out_dir", "save", "resume", "load", "compile_cache"):
         if getattr(args, name) == "":
             raise UsageError(f"{flag_of(name)}: an empty path; give a name, or leave the flag out")
     if args.epochs < 1:
@@ -800,6 +813,36 @@ def check_output_paths(args):
             if output:
                 raise UsageError(f"{flag} {path}: the run writes its {output} there, over the checkpoint; "
                                  "give the checkpoint another name")
+
+
+def use_compile_cache(folder):
+    """Has JAX keep every function it compiles from now on in folder, and look there before compiling
+    one: the default (None) is $JAX_COMPILATION_CACHE_DIR, else COMPILE_CACHE; False turns the cache off.
+
+    A cached function is the very executable XLA would compile again (JAX's key covers the program,
+    the compiler's options and flags, JAX's version and the machine), so results are the same bit for
+    bit. A --compile-cache folder that cannot be written is refused in one line (UsageError); a
+    default one is left alone, and the run compiles everything, as it would without a cache. So is
+    an entry that cannot be read: JAX compiles the function again, and its warning is not shown.
+    The folder is made private to the user: JAX runs what it finds there."""
+    if folder is False:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    if folder is None:
+        folder = jax.config.jax_compilation_cache_dir or COMPILE_CACHE
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError:
+            return
+    else:
+        require_writable_folder("--compile-cache", folder, folder)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # Every function, however quickly it compiles: the small ones together take a second or more.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    warnings.filterwarnings("ignore", message="Error (reading|writing) persistent compilation cache entry")
 
 
 def require_writable_file(flag, path, example_name):
@@ -1502,6 +1545,7 @@ def main(argv=None, log=None):
     log = log or functools.partial(print_line, interrupted=interrupted, then=then)
     check_args(args)
     check_output_paths(args)
+    use_compile_cache(args.compile_cache)
     if args.coordinator:
         join_processes(args)
     start_devices()

@@ -406,6 +406,9 @@ REFUSALS = [
     (["--save", ""], "--save: an empty path"),
     (["--resume", ""], "--resume: an empty path"),
     (["--out-dir", ""], "--out-dir: an empty path"),
+    (["--compile-cache", ""], "--compile-cache: an empty path"),
+    (["--compile-cache", "x.png/cache"], "x.png is a file, so no folder can be made there"),
+    (["--compile-cache", "cache", "--no-compile-cache"], "not allowed with argument --compile-cache"),
     (["--epochs", "two"], "--epochs"),
     (["--preset", "fast"], "--preset"),
 ]

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import model
-from conftest import ROOT, SMALL_CLI_RUN, run_cli, save_run, start_cli
+from conftest import CLI_ENVIRONMENT, COMPILATION_CACHE, ROOT, SMALL_CLI_RUN, run_cli, save_run, start_cli
 from data import load_idx
 
 SMALL_RUN = (*SMALL_CLI_RUN, "--epochs", "6")
@@ -310,6 +310,67 @@ def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
         os.umask(previous)
     for name in ("metrics.json", "net.npz"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
+def test_a_second_run_loads_every_compiled_function_from_the_cache(tmp_path, small_mnist):
+    """The first run, without the session's cache, compiles each function and keeps it in the
+    user's cache folder; the second, that folder given by --compile-cache, compiles none, and trains
+    the same numbers. (JAX_EXPLAIN_CACHE_MISSES has JAX name every function it compiles or keeps.)"""
+    environment = {name: value for name, value in CLI_ENVIRONMENT.items() if name not in COMPILATION_CACHE}
+    environment.update(XDG_CACHE_HOME=str(tmp_path / "home-cache"), JAX_EXPLAIN_CACHE_MISSES="1")
+    cache = tmp_path / "home-cache" / "mnist-cnn-by-hand" / "jax"
+    runs = []
+    for flags in ((), ("--compile-cache", str(cache))):
+        out = tmp_path / f"out{len(runs)}"
+        process = start_cli(*SMALL_CLI_RUN, "--epochs", "1", "--data-dir", small_mnist, "--out-dir", str(out),
+                            *flags, cwd=tmp_path, env=environment)
+        output, errors = process.communicate(timeout=300)
+        assert process.returncode == 0, output + errors
+        runs.append((errors, json.loads((out / "metrics.json").read_text())["epochs"]))
+    (first_errors, first_epochs), (second_errors, second_epochs) = runs
+    assert "Writing jit_train_epoch to persistent compilation cache" in first_errors, first_errors
+    assert any(name.startswith("jit_train_epoch-") for name in os.listdir(cache))
+    assert "CACHE MISS for" not in second_errors and "Writing" not in second_errors, second_errors
+    numbers = ("train_loss", "test_accuracy")
+    assert [[epoch[name] for name in numbers] for epoch in first_epochs] == \
+        [[epoch[name] for name in numbers] for epoch in second_epochs]
+
+
+class RecordedConfig:
+    """A stand-in for jax.config that records what use_compile_cache sets."""
+
+    def __init__(self, folder):
+        self.jax_compilation_cache_dir = folder
+        self.updates = {}
+
+    def update(self, name, value):
+        self.updates[name] = value
+
+
+@pytest.mark.parametrize("configured", [None, "jax-variable"])
+def test_the_compile_cache_by_default_is_jax_variables_folder_else_the_users_cache(tmp_path, monkeypatch,
+                                                                                   configured):
+    folder = str(tmp_path / configured) if configured else None
+    config = RecordedConfig(folder)
+    monkeypatch.setattr(model.jax, "config", config)
+    monkeypatch.setattr(model, "COMPILE_CACHE", str(tmp_path / "home-cache" / "jax"))
+    model.use_compile_cache(None)
+    expected = folder or model.COMPILE_CACHE
+    assert config.updates == {"jax_compilation_cache_dir": expected, "jax_persistent_cache_min_compile_time_secs": 0}
+    assert os.stat(expected).st_mode & 0o777 == 0o700  # JAX runs what it finds there
+
+
+def test_no_compile_cache_turns_it_off_and_an_unusable_default_is_passed_over(tmp_path, monkeypatch):
+    config = RecordedConfig(str(tmp_path / "jax-variable"))
+    monkeypatch.setattr(model.jax, "config", config)
+    model.use_compile_cache(False)  # --no-compile-cache
+    assert config.updates == {"jax_enable_compilation_cache": False}
+    (tmp_path / "a-file").write_text("")
+    config = RecordedConfig(None)
+    monkeypatch.setattr(model.jax, "config", config)
+    monkeypatch.setattr(model, "COMPILE_CACHE", str(tmp_path / "a-file" / "jax"))
+    model.use_compile_cache(None)
+    assert config.updates == {}  # the run compiles everything, as it would without a cache
 
 
 def test_eval_only_removes_the_pictures_of_an_earlier_run(tmp_path):
