@@ -753,6 +753,13 @@ def check_args(args, available_train_images=None):
         raise UsageError("--resume continues a run; it cannot be combined with --load or --eval-only")
     if args.eval_only and args.predict:
         raise UsageError("--eval-only and --predict: with --load, --predict alone classifies the images")
+    # A run that trains nothing takes its network from --preset; the flags that shape training could
+    # only be copied from a training command by mistake, and would silently change nothing.
+    untrained = [flag_of(name) for name in args.explicit if name != "preset"]
+    if untrained and (args.eval_only or (args.load and args.predict)):
+        what = "--eval-only trains nothing" if args.eval_only else "--load with --predict only classifies the images"
+        raise UsageError(f"{what}, so {', '.join(untrained)} would change nothing; leave "
+                         f"{'it' if len(untrained) == 1 else 'them'} out")
     if not SEEDS[0] <= args.seed <= SEEDS[1]:
         raise UsageError(f"--seed must be {SEEDS[0]} to {SEEDS[1]} (32 bits, as JAX's keys take it), got {args.seed}")
     if args.devices < 1:
