@@ -3,13 +3,11 @@
 import gzip
 import hashlib
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, idx_bytes
+from conftest import ROOT, idx_bytes, run_cli
 import data
 from data import FILES, DataError, load_idx
 
@@ -212,8 +210,7 @@ def test_ink_span_measures_how_much_of_the_frame_the_drawings_fill():
 def test_model_refuses_a_broken_data_directory_in_one_line(tmp_path):
     write_dataset(tmp_path)
     os.remove(tmp_path / "train-images-idx3-ubyte.gz")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "--data-dir", str(tmp_path),
-                             "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path)
+    result = run_cli("--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train-images-idx3-ubyte.gz" in lines[0], result.stderr
