@@ -827,14 +827,12 @@ def use_compile_cache(folder):
     one: the default (None) is $JAX_COMPILATION_CACHE_DIR, else COMPILE_CACHE; False turns the cache off.
 
     A cached function is the very executable XLA would compile again (JAX's key covers the program,
-    the compiler's options and flags, JAX's version and the machine), so results are the same bit for
-    bit. A --compile-cache folder that cannot be written is refused in one line (UsageError); a
-    default one is left alone, and the run compiles everything, as it would without a cache. So is
-    an entry that cannot be read: JAX compiles the function again, and its warning is not shown.
-    The folder is made private to the user: JAX runs what it finds there."""
-    if folder is False:
-        jax.config.update("jax_enable_compilation_cache", False)
-        return
+    the compiler's options and flags and JAX's version; XLA checks on loading that it was compiled
+    for this kind of processor), so results are the same bit for bit. A --compile-cache folder that
+    cannot be written is refused in one line (UsageError); a default one that cannot be made or
+    written is passed over, and the run compiles everything, as it would without a cache. So is an
+    entry that cannot be read: JAX compiles the function again, and its warning is not shown. The
+    folder is made private to the user: JAX runs what it finds there."""
     if folder is None:
         folder = jax.config.jax_compilation_cache_dir or COMPILE_CACHE
         try:
@@ -842,10 +840,13 @@ def use_compile_cache(folder):
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError:
-            return
-    else:
+            folder = False
+    elif folder is not False:
         require_writable_folder("--compile-cache", folder, folder)
         os.makedirs(folder, mode=0o700, exist_ok=True)
+    if folder is False:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
     jax.config.update("jax_compilation_cache_dir", folder)
     # Every function, however quickly it compiles: the small ones together take a second or more.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

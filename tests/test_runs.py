@@ -313,22 +313,23 @@ def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
 
 
 def test_a_second_run_loads_its_compiled_function_from_the_cache(tmp_path, small_run):
-    """--load --predict, the quickest run that compiles: the first run, without the session's
-    cache, compiles and keeps its function in the user's cache folder; the second, that folder given
-    by --compile-cache, compiles nothing, and prints the same probabilities. (JAX_EXPLAIN_CACHE_MISSES
-    has JAX name every function it compiles or keeps.)"""
+    """--load --predict, the quickest run that compiles: the first run, without the session's cache,
+    compiles its function and keeps it in the user's cache folder; the second, its own cache folder
+    elsewhere but that one given by --compile-cache, loads it from there, and prints the same
+    probabilities. (JAX_LOG_COMPILES has JAX log each compilation, and each function it loads.)"""
     environment = {name: value for name, value in CLI_ENVIRONMENT.items() if name not in COMPILATION_CACHE}
-    environment.update(XDG_CACHE_HOME=str(tmp_path / "home-cache"), JAX_EXPLAIN_CACHE_MISSES="1")
+    environment["JAX_LOG_COMPILES"] = "1"
     cache = tmp_path / "home-cache" / "mnist-cnn-by-hand" / "jax"
     runs = []
-    for flags in ((), ("--compile-cache", str(cache))):
+    for home, flags in (("home-cache", ()), ("another-home", ("--compile-cache", str(cache)))):
         process = start_cli("--load", str(small_run[1] / "net.npz"), "--predict", str(small_run[1] / "seven.png"),
-                            *flags, cwd=tmp_path, env=environment)
+                            *flags, cwd=tmp_path, env=dict(environment, XDG_CACHE_HOME=str(tmp_path / home)))
         runs.append(process.communicate(timeout=300))
         assert process.returncode == 0, runs[-1]
     (first_output, first_errors), (second_output, second_errors) = runs
-    assert "Writing jit_" in first_errors and os.listdir(cache), first_errors
-    assert "CACHE MISS for" not in second_errors and "Writing" not in second_errors, second_errors
+    loaded = "Persistent compilation cache hit for 'jit__lambda'"
+    assert loaded not in first_errors and [name for name in os.listdir(cache) if name.startswith("jit__lambda-")]
+    assert loaded in second_errors, second_errors
     assert second_output == first_output and "class 7; probabilities" in first_output
 
 
@@ -356,17 +357,16 @@ def test_the_compile_cache_by_default_is_jax_variables_folder_else_the_users_cac
     assert os.stat(expected).st_mode & 0o777 == 0o700  # JAX runs what it finds there
 
 
-def test_no_compile_cache_turns_it_off_and_an_unusable_default_is_passed_over(tmp_path, monkeypatch):
-    config = RecordedConfig(str(tmp_path / "jax-variable"))
-    monkeypatch.setattr(model.jax, "config", config)
-    model.use_compile_cache(False)  # --no-compile-cache
-    assert config.updates == {"jax_enable_compilation_cache": False}
-    (tmp_path / "a-file").write_text("")
-    config = RecordedConfig(None)
-    monkeypatch.setattr(model.jax, "config", config)
+def test_no_compile_cache_turns_it_off_and_so_does_an_unusable_default(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")  # no folder can be made in it
     monkeypatch.setattr(model, "COMPILE_CACHE", str(tmp_path / "a-file" / "jax"))
-    model.use_compile_cache(None)
-    assert config.updates == {}  # the run compiles everything, as it would without a cache
+    for flag, configured in [(False, str(tmp_path / "jax-variable")),  # --no-compile-cache
+                             (None, str(tmp_path / "a-file" / "jax-variable")),  # JAX's variable unusable
+                             (None, None)]:  # the user's cache folder unusable
+        config = RecordedConfig(configured)
+        monkeypatch.setattr(model.jax, "config", config)
+        model.use_compile_cache(flag)
+        assert config.updates == {"jax_enable_compilation_cache": False}, configured
 
 
 def test_eval_only_removes_the_pictures_of_an_earlier_run(tmp_path):
