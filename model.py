@@ -833,20 +833,20 @@ def use_compile_cache(folder):
     written is passed over, and the run compiles everything, as it would without a cache. So is an
     entry that cannot be read: JAX compiles the function again, and its warning is not shown. The
     folder is made private to the user: JAX runs what it finds there."""
-    if folder is None:
+    given = folder is not None
+    if not given:
         folder = jax.config.jax_compilation_cache_dir or COMPILE_CACHE
+    if folder is not False:
         try:
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError:
+            require_writable_folder("--compile-cache", folder, folder)
+        except UsageError:
+            if given:
+                raise
             folder = False
-    elif folder is not False:
-        require_writable_folder("--compile-cache", folder, folder)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
     if folder is False:
         jax.config.update("jax_enable_compilation_cache", False)
         return
+    os.makedirs(folder, mode=0o700, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     # Every function, however quickly it compiles: the small ones together take a second or more.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
