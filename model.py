@@ -898,9 +898,9 @@ def shuffled_order(shuffle_key, train_size, count):
 
     The permutation is jax.random.permutation's, computed its way: the numbers sorted by fresh random
     32-bit keys, in as many rounds as make it unlikely that two numbers tie in every round. JAX draws
-    the keys; numpy does the stable sorts, which XLA's CPU sort does ten times more slowly
-    (PERFORMANCE.md). The orders are jax.random.permutation's, number for number (tests/test_model.py
-    checks), so every run trains as it did when that drew them.
+    the keys; numpy does the stable sorts, which XLA's CPU sort does far more slowly (PERFORMANCE.md).
+    The orders are jax.random.permutation's, number for number (tests/test_model.py checks), so every
+    run trains as it did when that drew them.
     """
     rounds = math.ceil(3 * math.log(max(1, train_size)) / math.log(np.iinfo(np.uint32).max))
     shuffle_key, sort_keys = shuffle_sort_keys(shuffle_key, train_size, rounds)
@@ -908,7 +908,7 @@ def shuffled_order(shuffle_key, train_size, count):
     positions = np.arange(train_size, dtype=np.uint64)
     for keys in sort_keys:
         # A stable sort by key is a sort of the pairs (key, position). Packed into one uint64 each,
-        # they are sorted by numpy's vectorised sort, five times faster than argsort(kind="stable").
+        # they go through numpy's vectorised sort, faster than argsort(kind="stable") (PERFORMANCE.md).
         packed = np.asarray(keys).astype(np.uint64) << 32 | positions
         order = order[np.sort(packed) & 0xFFFFFFFF]
     return shuffle_key, order[:count]
