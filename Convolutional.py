@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from windows import offset_slices, output_size, spread, windows_along
+from windows import offset_slices, output_size, spread
 
 # For a batch, the weight gradient is one matrix product over all pixels and samples
 # (Convolutional._weight_gradient). It is computed in blocks of whole output rows, at most this many
@@ -171,8 +171,11 @@ class Convolutional:
         timed apart from their consumers, the two compare differently): for one channel and at most
         3x3 offsets, XLA's conv_general_dilated_patches (a convolution with 0/1 weights), cut into
         blocks; for more offsets or channels, each block built on its own from the input rows its
-        windows read (windows.windows_along, once along the width and once along the height), so
-        that every block is stored as the matrix product reads it and XLA copies no block out.
+        windows read, so that every block is stored as the matrix product reads it and XLA copies
+        no block out. Such a block is the block's K*K offset slices (windows.offset_slices) stacked
+        in two levels, the K column offsets of each row offset, then the K row offsets: XLA's CPU
+        compiler writes a stack of at most 8 slices in one loop, but copies each slice out first
+        when there are more (the 25 of a 5x5 window).
         """
         C, _, _, N = x.shape
         K, S, P = self.kernel_size, self.stride, self.padding
@@ -186,9 +189,10 @@ class Convolutional:
         patch_blocks = []
         for top, rows in blocks:
             x_rows = x_pad[:, S * top:S * (top + rows - 1) + K]  # the input rows the block's windows read
-            by_column = windows_along(x_rows, 2, K, S, W_out)  # [c, r, j, w, n] = x_rows[c, r, S*w + j, n]
-            by_both = windows_along(by_column, 1, K, S, rows)  # [c, i, h, j, w, n] = x_rows[c, S*h + i, S*w + j, n]
-            patch_blocks.append(by_both.transpose(0, 1, 3, 2, 4, 5).reshape(C * K * K, -1))
+            x_slices = offset_slices(x_rows, K, S)  # {(i, j): (C, rows, W_out, N)}
+            # For each row offset i, its K column offsets: (C, K, rows, W_out, N); then the K of those.
+            by_row = [jnp.stack([x_slices[i, j] for j in range(K)], axis=1) for i in range(K)]
+            patch_blocks.append(jnp.stack(by_row, axis=1).reshape(C * K * K, -1))  # rows (c, i, j), columns (h, w, n)
         return patch_blocks
 
     def _input_gradient(self, weights, d_y, x_shape):

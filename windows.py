@@ -36,31 +36,6 @@ def offset_slices(x, window, stride):
             for i in range(window) for j in range(window)}
 
 
-def windows_along(x, axis, window, stride, count):
-    """Along one axis, what each offset of a sliding window sees at each of its positions, all the
-    offsets in one array: out[..., k, p, ...] = x[..., stride*p + k, ...] for k < window and
-    p < count, a new axis k inserted before `axis`.
-
-    The window's K copies of x, each shifted by one more, built without stacking K slices: x
-    broadcast to K copies, read as one axis of K*L values (L = x.shape[axis]), padded to K*(L + 1)
-    and read back as (K, L + 1). Each copy then starts one value later than the one before:
-    row k holds x[k], x[k + 1], ...; a strided slice keeps `count` positions of it. XLA's CPU
-    compiler makes this one loop that writes the result once. A stack of slices is a concatenate,
-    and when it has more than 8 operands (the K*K = 25 offsets of a 5x5 window) XLA copies each
-    slice out before concatenating them: every value written twice (PERFORMANCE.md).
-    """
-    length = x.shape[axis]
-    before, after = x.shape[:axis], x.shape[axis + 1:]
-    copies = jnp.broadcast_to(jnp.expand_dims(x, axis), before + (window, length) + after)
-    copies = copies.reshape(before + (window * length,) + after)
-    padding = [(0, 0, 0)] * x.ndim
-    padding[axis] = (0, window, 0)
-    shifted = lax.pad(copies, jnp.zeros((), x.dtype), padding).reshape(before + (window, length + 1) + after)
-    limits, strides = list(shifted.shape), [1] * shifted.ndim
-    limits[axis + 1], strides[axis + 1] = stride * (count - 1) + 1, stride
-    return lax.slice(shifted, [0] * shifted.ndim, limits, strides)
-
-
 def spread(x, axis, offset, size, stride):
     """The transpose, along one axis, of taking every stride-th entry from offset: x's entries along
     `axis` placed at positions offset, offset + stride, ... of an axis of `size` positions, zeros

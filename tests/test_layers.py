@@ -19,7 +19,6 @@ from gradcheck import (layer_errors_vs_finite_differences, layer_errors_vs_vjp, 
                        quick_jit, relative_error)
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 from naive import conv_backward_naive, conv_forward_naive
-from windows import windows_along
 
 VJP_BOUND = 1e-9
 FINITE_DIFFERENCE_BOUND = 1e-6
@@ -119,19 +118,6 @@ def test_convolution_in_blocks_of_rows(monkeypatch):
         y_naive = conv_forward_naive(np.asarray(x), np.asarray(params["weights"]), np.asarray(params["biases"]),
                                      c["S"], c["P"])
         assert relative_error(y, y_naive) <= 1e-12, c
-
-
-def test_windows_along_matches_indexing():
-    """windows_along builds the shifted copies from a broadcast, a pad and reshapes; every entry must
-    be the input value that offset k of the window sees at position p."""
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((2, 11, 3))
-    for axis, window, stride in [(1, 5, 1), (1, 3, 2), (0, 1, 1), (2, 2, 1), (1, 4, 3)]:
-        length = x.shape[axis]
-        count = (length - window) // stride + 1
-        out = np.asarray(windows_along(jnp.asarray(x), axis, window, stride, count))
-        expected = np.stack([np.take(x, stride * np.arange(count) + k, axis=axis) for k in range(window)], axis=axis)
-        np.testing.assert_array_equal(out, expected, err_msg=f"axis {axis}, window {window}, stride {stride}")
 
 
 def test_convolution_matches_naive_loops():
