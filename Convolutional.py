@@ -170,12 +170,12 @@ class Convolutional:
         Two ways to build the same exact copy, chosen by measurement in training (PERFORMANCE.md;
         timed apart from their consumers, the two compare differently): for one channel and at most
         3x3 offsets, XLA's conv_general_dilated_patches (a convolution with 0/1 weights), cut into
-        blocks; for more offsets or channels, each block built on its own from the input rows its
-        windows read, so that every block is stored as the matrix product reads it and XLA copies
-        no block out. Such a block is the block's K*K offset slices (windows.offset_slices) stacked
-        in two levels, the K column offsets of each row offset, then the K row offsets: XLA's CPU
-        compiler writes a stack of at most 8 slices in one loop, but copies each slice out first
-        when there are more (the 25 of a 5x5 window).
+        blocks; for more offsets or channels, stacks of strided slices in two steps: the input's
+        width windows once (the K column offsets' slices stacked), then each block on its own (the
+        K row offsets' slices of those stacked), so that every block is stored as the matrix
+        product reads it and XLA copies no block out. Two stacks of K slices rather than one of
+        K*K: XLA's CPU compiler writes a stack of at most 8 slices in one loop, but copies each
+        slice out first when there are more (the 25 offsets of a 5x5 window).
         """
         C, _, _, N = x.shape
         K, S, P = self.kernel_size, self.stride, self.padding
@@ -186,12 +186,12 @@ class Convolutional:
                                                        dimension_numbers=("CHWN", "OIHW", "CHWN"))
             return [patches[:, top:top + rows].reshape(C * K * K, -1) for top, rows in blocks]
         x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
+        # The width windows of every input row: by_column[c, j, r, w, n] = x_pad[c, r, S*w + j, n].
+        by_column = jnp.stack([x_pad[:, :, j:j + S * (W_out - 1) + 1:S] for j in range(K)], axis=1)
         patch_blocks = []
         for top, rows in blocks:
-            x_rows = x_pad[:, S * top:S * (top + rows - 1) + K]  # the input rows the block's windows read
-            x_slices = offset_slices(x_rows, K, S)  # {(i, j): (C, rows, W_out, N)}
-            # For each row offset i, its K column offsets: (C, K, rows, W_out, N); then the K of those.
-            by_row = [jnp.stack([x_slices[i, j] for j in range(K)], axis=1) for i in range(K)]
+            # Output rows top ... top + rows - 1 read, at row offset i, input rows S*top + i, ... in steps of S.
+            by_row = [by_column[:, :, S * top + i:S * (top + rows - 1) + i + 1:S] for i in range(K)]
             patch_blocks.append(jnp.stack(by_row, axis=1).reshape(C * K * K, -1))  # rows (c, i, j), columns (h, w, n)
         return patch_blocks
 
