@@ -190,7 +190,7 @@ class Convolutional:
         by_column = jnp.stack([x_pad[:, :, j:j + S * (W_out - 1) + 1:S] for j in range(K)], axis=1)
         patch_blocks = []
         for top, rows in blocks:
-            # Output rows top ... top + rows - 1 read, at row offset i, input rows S*top + i, ... in steps of S.
+            # Row offset i of output rows h = top, ..., top + rows - 1 reads input rows S*h + i.
             by_row = [by_column[:, :, S * top + i:S * (top + rows - 1) + i + 1:S] for i in range(K)]
             patch_blocks.append(jnp.stack(by_row, axis=1).reshape(C * K * K, -1))  # rows (c, i, j), columns (h, w, n)
         return patch_blocks

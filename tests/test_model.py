@@ -152,7 +152,7 @@ def cpu_kind():
         return None
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)  # the last core's, like the first's
+            fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)  # every core's alike; the last stays
     except OSError:
         return None
     fields = {name.strip(): value.strip() for name, value in fields.items()}
