@@ -106,10 +106,10 @@ SCAN_UNROLL = 2
 
 
 # XLA's options for what runs once or once an epoch: drawing the initial weights, splitting keys,
-# the shuffle's sort keys. That is integer hashing plus one elementwise transform of the draws, for
-# which XLA's full optimisation (level 2) only makes compiling several times slower, a second or
-# more on every run; the results are the same bit for bit.
-ONCE_OPTIMISED = {"xla_backend_optimization_level": 1}
+# the shuffle's sort keys, the learning rates. That is integer hashing plus elementwise transforms,
+# for which XLA's full optimisation (level 2) and its newer fusion emitters only make compiling
+# slower, a second or more on every first run; the results are the same bit for bit.
+ONCE_OPTIMISED = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
 
 # Where a run keeps what XLA compiled for it (JAX's persistent compilation cache), unless
 # JAX_COMPILATION_CACHE_DIR or --compile-cache says otherwise: a later run of the same shapes loads
