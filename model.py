@@ -1003,8 +1003,9 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
         start = time.perf_counter()
         params, velocity, losses = train_epoch(params, velocity, images, labels, order, rates)
         # Each step's loss is that batch's mean, and every batch has batch_size images, so the
-        # mean of the step losses is the mean per-image loss of the epoch.
-        train_loss = float(local(losses).mean())
+        # mean of the step losses is the mean per-image loss of the epoch. Taken by numpy, in float64:
+        # a JAX mean would be one more function to compile.
+        train_loss = float(np.asarray(local(losses)).mean(dtype=np.float64))
         seconds = time.perf_counter() - start
         train_seconds += seconds
         check_not_diverged(train_loss, epoch + 1, args, network.num_classes)
