@@ -949,8 +949,9 @@ def start_devices():
 def train(network, params, args, train_images, train_labels, eval_images, eval_labels, log=print,
           eval_name="test", resume=None, after_epoch=None, stop=lambda: False, mesh=None):
     """Runs the epochs of args.epochs not yet done. Returns (params, epochs, compile_seconds,
-    train_seconds), where epochs is a list of {"epoch", "train_loss", "<eval_name>_accuracy",
-    "seconds"}, those of `resume` first.
+    train_seconds, predictions), where epochs is a list of {"epoch", "train_loss",
+    "<eval_name>_accuracy", "seconds"}, those of `resume` first, and predictions the classes the
+    returned params give eval_images (None if no epoch ran).
 
     eval_images, eval_labels: what each epoch is evaluated on, the test or the validation images.
     resume: {"velocity", "shuffle_key", "epochs"} of a run to continue (load_run), or None.
@@ -990,7 +991,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
 
     # Chance: the accuracy of always answering the most common class.
     chance = float(np.bincount(np.asarray(eval_labels)).max() / len(eval_labels))
-    warned_near_chance = False
+    warned_near_chance, predictions = False, None
     for epoch in range(len(epochs), args.epochs):
         if stop():
             break
@@ -1009,7 +1010,8 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
         seconds = time.perf_counter() - start
         train_seconds += seconds
         check_not_diverged(train_loss, epoch + 1, args, network.num_classes)
-        accuracy = accuracy_of(local(predict(params, eval_padded)), eval_labels)
+        predictions = np.asarray(local(predict(params, eval_padded)))[:len(eval_labels)]
+        accuracy = accuracy_of(predictions, eval_labels)
         epochs.append({"epoch": epoch + 1, "train_loss": train_loss, f"{eval_name}_accuracy": accuracy,
                        "seconds": seconds})
         log(f"epoch {epoch + 1:3d}/{args.epochs}  train loss {train_loss:.4f}  "
@@ -1024,7 +1026,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
                 f"{100 * NEAR_CHANCE:.0f} points of chance ({100 * chance:.2f}%, always answering the most "
                 f"common class): the learning rate {args.lr} may be too high, or too low for "
                 f"{counted(args.epochs, 'epoch')}, or the labels may not belong to the images")
-    return local(params), epochs, compile_seconds, train_seconds
+    return local(params), epochs, compile_seconds, train_seconds, predictions
 
 
 class StopOnInterrupt:
@@ -1669,12 +1671,15 @@ def main(argv=None, log=None):
         import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg")
     with interrupted:
         if args.eval_only:
-            epochs, compile_seconds, train_seconds, stopped = [], 0.0, 0.0, False
+            epochs, compile_seconds, train_seconds, stopped, predictions = [], 0.0, 0.0, False, None
         else:
-            params, epochs, compile_seconds, train_seconds = train(
+            params, epochs, compile_seconds, train_seconds, eval_predictions = train(
                 network, params, args, train_images[:len(train_images) - args.val_size], train_labels,
                 eval_images, eval_labels, log, eval_name, resume, checkpoint if save_path else None,
                 stop=interrupted, mesh=mesh)
+            # The last epoch's evaluation was of the final parameters: of the test images, it is the
+            # final one, and need not be run again.
+            predictions = eval_predictions if eval_name == "test" else None
             # Stopped early: by a signal or a closed stdout here, or with several processes, in another.
             stopped = interrupted() or len(epochs) < args.epochs
             if stopped:
@@ -1692,9 +1697,10 @@ def main(argv=None, log=None):
                 log(f"interrupted{by}: training stopped after epoch {len(epochs)} of {args.epochs}; writing "
                     "what it trained (Ctrl-C again aborts at once)")
 
-        predictions = make_predict(network, mesh)(replicated(params, mesh),
-                                                  replicated(pad_to_chunks(test_images, mesh), mesh))
-        predictions = np.asarray(local(predictions))[:len(test_labels)]
+        if predictions is None:
+            predictions = make_predict(network, mesh)(replicated(params, mesh),
+                                                      replicated(pad_to_chunks(test_images, mesh), mesh))
+            predictions = np.asarray(local(predictions))[:len(test_labels)]
         test_accuracy = accuracy_of(predictions, test_labels)
         trained = "" if args.eval_only else f"; training {train_seconds:.2f} s (compile {compile_seconds:.2f} s)"
         log(f"test accuracy {100 * test_accuracy:.2f}% on {len(test_labels)} images{trained}")

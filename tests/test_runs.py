@@ -412,8 +412,8 @@ def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):
     # run_short's size (test_model.py), whose epoch the session has compiled already.
     args = model.parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32"])
     network = model.build_network("modern")
-    params, _, _, _ = model.train(network, network.init(model.run_keys(0)[0]), args, train_images, train_labels,
-                                  test_images[:1000], test_labels[:1000], log=lambda line: None)
+    params, _, _, _, _ = model.train(network, network.init(model.run_keys(0)[0]), args, train_images, train_labels,
+                                     test_images[:1000], test_labels[:1000], log=lambda line: None)
     model.save_checkpoint(str(tmp_path / "net.npz"), params, network)
     probabilities = np.asarray(jax.jit(network.probabilities)(params, model.to_input(test_images[:200])))
     confident = [index for index in range(200) if probabilities[index].max() > 0.99
