@@ -81,9 +81,9 @@ def main(argv=None):
 
     run_args = model.parse_args(["--preset", "lenet", "--epochs", str(args.epochs)])
     lenet = model.network_for_data("lenet", os.path.join(ROOT, "data"), train_images, train_labels)
-    _, epochs, _, _ = model.train(lenet, lenet.init(model.run_keys(run_args.seed)[0]), run_args, train_images,
-                                  train_labels, test_images, test_labels, log=lambda line: print(line, flush=True),
-                                  after_epoch=pytorch_turn)
+    _, epochs, _, _, _ = model.train(lenet, lenet.init(model.run_keys(run_args.seed)[0]), run_args, train_images,
+                                     train_labels, test_images, test_labels, log=lambda line: print(line, flush=True),
+                                     after_epoch=pytorch_turn)
     ours = statistics.median(epoch["seconds"] for epoch in epochs)
     pytorch = statistics.median(pytorch_seconds)
     print(f"median epoch: ours {ours:.2f} s, PyTorch eager {pytorch:.2f} s; "

@@ -207,13 +207,13 @@ def whole_runs(mnist, quick):
     seed_args = model.parse_args(["--preset", "seed"] + (["--epochs", "1", "--train-size", "500"] if quick else []))
     network = model.build_network("original")
     params = network.init(model.run_keys(seed_args.seed)[0])
-    _, seed_epochs, seed_compile, seed_total = model.train(network, params, seed_args, *mnist, log=quiet)
+    _, seed_epochs, seed_compile, seed_total, _ = model.train(network, params, seed_args, *mnist, log=quiet)
 
     default_args = model.parse_args(["--epochs", "1" if quick else "5"]
                                     + (["--train-size", "3000", "--batch-size", "32"] if quick else []))
     network = model.build_network("modern")
     params = network.init(model.run_keys(default_args.seed)[0])
-    _, default_epochs, default_compile, _ = model.train(network, params, default_args, *mnist, log=quiet)
+    _, default_epochs, default_compile, _, _ = model.train(network, params, default_args, *mnist, log=quiet)
     return {"seed_preset_train_seconds": seed_total, "seed_preset_compile_seconds": seed_compile,
             "seed_preset_epoch_seconds": statistics.median(epoch["seconds"] for epoch in seed_epochs),
             "seed_preset_epoch_images": seed_args.train_size,
