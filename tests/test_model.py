@@ -69,10 +69,10 @@ def test_seed_preset_initialises_like_the_original():
 @pytest.mark.parametrize("kind", ["original", "modern", "lenet"])
 def test_compiled_init_draws_the_weights_of_each_layer_drawn_op_by_op(kind):
     """Network.init compiles all draws as one function, at a lower optimisation level than XLA's
-    default; the weights must still be bit for bit those of every layer's init run op by op. The
-    original's network has both kinds of draw, N(0, 1) and He-scaled (at XLA's level 0 both
-    differ), from one key shared by all layers; the modern one and LeNet-5 split a key per layer
-    inside the compiled function."""
+    default and without its newer fusion emitters (model.ONCE_OPTIMISED); the weights must still be
+    bit for bit those of every layer's init run op by op. The original's network has both kinds of
+    draw, N(0, 1) and He-scaled (at XLA's level 0 both differ), from one key shared by all layers;
+    the modern one and LeNet-5 split a key per layer inside the compiled function."""
     network = model.build_network(kind)
     key = model.run_keys(3)[0]
     keys = [key] * len(network.layers) if network.shared_init_key else jax.random.split(key, len(network.layers))
