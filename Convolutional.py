@@ -33,11 +33,16 @@ from jax import lax
 from windows import offset_slices, output_size, spread
 
 # For a batch, the weight gradient is one matrix product over all pixels and samples
-# (Convolutional._weight_gradient). It is computed in blocks of whole output rows, at most this many
-# columns each (at least one row), and the blocks' products summed: each block's operands, for the
-# default network 14 rows of 6,656 floats (0.37 MB), then stay in a core's cache while the product
-# reads them. The im2col forward uses the same blocks (Convolutional._patch_blocks).
+# (Convolutional._weight_gradient). Where it is the im2col product (one input channel, at most 3x3)
+# it is computed in blocks of whole output rows, at most this many columns each (at least one row),
+# and the blocks' products summed: each block's operands, for the default network 2 rows of 6,656
+# floats (0.37 MB), then stay in a core's cache while the product reads them.
 DW_BLOCK_COLUMNS = 8192
+
+# Elsewhere the forward and the weight gradient are banded products (Convolutional._band), taken
+# over blocks of this many output rows (the last block may be shorter): measured fastest for
+# LeNet-5's first convolution, and no different for its second (PERFORMANCE.md).
+BAND_ROWS = 4
 
 
 class Convolutional:
@@ -92,11 +97,11 @@ class Convolutional:
             (as the backward is), XLA's CPU compiler would recompute that sum inside every later
             operation that reads y. It also rounds as the original's per-sample run needs to be
             reproduced to every printed digit (README.md, "The original run").
-        otherwise: the im2col product y = F (D, C*K*K) @ patches (C*K*K, H_out*W_out*N), taken
-            block by block of output rows (_patch_blocks): the blocks the weight gradient takes, so
-            that one set of patches serves both. XLA's CPU convolution with the batch last is slow
-            with several input channels, and with one channel and a 5x5 window (LeNet-5's first
-            layer).
+        otherwise: banded products over the input's width windows, block by block of BAND_ROWS
+            output rows (_band, THEORY.md §3.1): the block's output rows (d, h) are a banded matrix
+            of the filters times the width windows of the input rows the block reads, which lie
+            next to each other in memory. XLA's CPU convolution with the batch last is slow with
+            several input channels, and with one channel and a 5x5 window (LeNet-5's first layer).
         tests/test_layers.py checks this forward against a naive loop over every index.
         """
         K, S, P = self.kernel_size, self.stride, self.padding
@@ -108,8 +113,8 @@ class Convolutional:
         else:
             N = x.shape[3]
             W_out = self.output_shape(x.shape[:3])[2]
-            y = jnp.concatenate([(weights.reshape(D, -1) @ patches).reshape(D, -1, W_out, N)
-                                 for patches in self._patch_blocks(x)], axis=1)
+            y = jnp.concatenate([(self._band(weights, rows) @ windows).reshape(D, rows, W_out, N)
+                                 for (_, rows), windows in self._window_blocks(x)], axis=1)
         biases = params["biases"]
         return y + (biases[:, None, None, None] if self.tied_biases else biases[..., None]), x
 
@@ -135,8 +140,10 @@ class Convolutional:
         order, dF[:, :, i, j] = dy @ slice^T. Stacking all K*K slices as the rows of one matrix, row
         c*K*K + i*K + j holding channel c at offset (i, j) (the im2col matrix, C*K*K rows), gives all of
         dF in one product, dF = dy @ im2col^T, whose (D, C*K*K) result is dF in (D, C, K, K) order.
-        For a batch it is taken the other way round, dF^T = im2col @ dy^T, then transposed: the same
-        sums, which XLA's CPU matrix product computes faster in that order (PERFORMANCE.md).
+        Three ways of taking these sums, by measurement (PERFORMANCE.md): for one sample, the K*K
+        products; for a batch with one input channel and at most 3x3, the im2col product, taken the
+        other way round, dF^T = im2col @ dy^T, which XLA's CPU matrix product computes faster in that
+        order; otherwise, the transpose of the forward's banded products (THEORY.md §4.4).
         """
         K, S, P = self.kernel_size, self.stride, self.padding
         D, H_out, W_out, N = d_y.shape
@@ -150,11 +157,21 @@ class Convolutional:
             d_y_rows = d_y.reshape(D, -1)
             products = [d_y_rows @ x_slice.reshape(C, -1).T for x_slice in offset_slices(x_pad, K, S).values()]
             return jnp.stack(products, axis=-1).reshape(D, C, K, K)
-        # FAST PATH for a batch: the one im2col product, summed over blocks of output rows so that
-        # each block's operands stay in cache (DW_BLOCK_COLUMNS).
-        blocks = [patches @ d_y[:, top:top + rows].reshape(D, -1).T
-                  for (top, rows), patches in zip(self._row_blocks(H_out, W_out, N), self._patch_blocks(x))]
-        return sum(blocks[1:], blocks[0]).T.reshape(D, C, K, K)
+        if C == 1 and K <= 3:
+            # The one im2col product, summed over blocks of output rows so that each block's
+            # operands stay in cache (DW_BLOCK_COLUMNS).
+            blocks = [patches @ d_y[:, top:top + rows].reshape(D, -1).T
+                      for (top, rows), patches in zip(self._row_blocks(H_out, W_out, N), self._patch_blocks(x))]
+            return sum(blocks[1:], blocks[0]).T.reshape(D, C, K, K)
+        # Block by block, the products of dy's rows (d, h) with the width windows' rows (r, c, j):
+        # products[d, h, r, c, j] = sum_{w, n} dy[d, top + h, w, n] * x_pad[c, S*top + r, S*w + j, n].
+        # Output row h reads input rows r = S*h + i, so dF[d, c, i, j] gathers the entries on the
+        # band, products[d, h, S*h + i, c, j], summed over h and the blocks: the transpose of _band.
+        d_weights = []
+        for (top, rows), windows in self._window_blocks(x):
+            products = (d_y[:, top:top + rows].reshape(D * rows, -1) @ windows.T).reshape(D, rows, -1, C, K)
+            d_weights += [products[:, h, S * h:S * h + K] for h in range(rows)]  # each (D, K_i, C, K_j)
+        return sum(d_weights[1:], d_weights[0]).transpose(0, 2, 1, 3)
 
     @staticmethod
     def _row_blocks(H_out, W_out, N):
@@ -164,36 +181,54 @@ class Convolutional:
         return [(top, min(rows, H_out - top)) for top in range(0, H_out, rows)]
 
     def _patch_blocks(self, x):
-        """x (C, H, W, N) -> the im2col matrix in blocks of output rows (_row_blocks), each
-        (C*K*K, rows*W_out*N), patches[c*K*K + i*K + j, (h, w, n)] = x_pad[c, S*h + i, S*w + j, n].
+        """x (1, H, W, N) -> the im2col matrix of a one-channel input, at most 3x3, in blocks of
+        output rows (_row_blocks), each (K*K, rows*W_out*N),
+        patches[i*K + j, (h, w, n)] = x_pad[0, S*h + i, S*w + j, n].
+        Built by XLA's conv_general_dilated_patches (a convolution with 0/1 weights), then cut into
+        blocks: for these shapes faster in training than stacking the offset slices (PERFORMANCE.md).
+        """
+        K, S, P = self.kernel_size, self.stride, self.padding
+        _, H_out, W_out = self.output_shape(x.shape[:3])
+        patches = lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
+                                                   dimension_numbers=("CHWN", "OIHW", "CHWN"))
+        return [patches[:, top:top + rows].reshape(K * K, -1) for top, rows in self._row_blocks(H_out, W_out, x.shape[3])]
 
-        Two ways to build the same exact copy, chosen by measurement in training (PERFORMANCE.md;
-        timed apart from their consumers, the two compare differently): for one channel and at most
-        3x3 offsets, XLA's conv_general_dilated_patches (a convolution with 0/1 weights), cut into
-        blocks; for more offsets or channels, stacks of strided slices in two steps: the input's
-        width windows once (the K column offsets' slices stacked), then each block on its own (the
-        K row offsets' slices of those stacked), so that every block is stored as the matrix
-        product reads it and XLA copies no block out. Two stacks of K slices rather than one of
-        K*K: XLA's CPU compiler writes a stack of at most 8 slices in one loop, but copies each
-        slice out first when there are more (the 25 offsets of a 5x5 window).
+    def _window_blocks(self, x):
+        """x (C, H, W, N) -> [((top, rows), windows), ...] for the blocks of BAND_ROWS output rows
+        (the last may be shorter), windows (R*C*K, W_out*N) with R = S*(rows - 1) + K:
+        windows[(r, c, j), (w, n)] = x_pad[c, S*top + r, S*w + j, n], the width windows of the R
+        input rows the block's output rows read.
+
+        The width windows of all input rows are built once, rows in (r, c, j) order, so that each
+        block's are a run of consecutive rows of that matrix: K copies of the input, where the
+        im2col matrix holds K*K.
         """
         C, _, _, N = x.shape
         K, S, P = self.kernel_size, self.stride, self.padding
         _, H_out, W_out = self.output_shape(x.shape[:3])
-        blocks = self._row_blocks(H_out, W_out, N)
-        if C == 1 and K <= 3:
-            patches = lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
-                                                       dimension_numbers=("CHWN", "OIHW", "CHWN"))
-            return [patches[:, top:top + rows].reshape(C * K * K, -1) for top, rows in blocks]
         x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
-        # The width windows of every input row: by_column[c, j, r, w, n] = x_pad[c, r, S*w + j, n].
-        by_column = jnp.stack([x_pad[:, :, j:j + S * (W_out - 1) + 1:S] for j in range(K)], axis=1)
-        patch_blocks = []
-        for top, rows in blocks:
-            # Row offset i of output rows h = top, ..., top + rows - 1 reads input rows S*h + i.
-            by_row = [by_column[:, :, S * top + i:S * (top + rows - 1) + i + 1:S] for i in range(K)]
-            patch_blocks.append(jnp.stack(by_row, axis=1).reshape(C * K * K, -1))  # rows (c, i, j), columns (h, w, n)
-        return patch_blocks
+        # by_column[r, c, j, w, n] = x_pad[c, r, S*w + j, n]: the K column offsets' slices stacked.
+        by_column = jnp.stack([x_pad[:, :, j:j + S * (W_out - 1) + 1:S] for j in range(K)], axis=2).transpose(1, 0, 2, 3, 4)
+        by_column = by_column.reshape(-1, W_out * N)
+        blocks = []
+        for top in range(0, H_out, BAND_ROWS):
+            rows = min(BAND_ROWS, H_out - top)
+            first, count = S * top * C * K, (S * (rows - 1) + K) * C * K
+            blocks.append(((top, rows), by_column[first:first + count]))
+        return blocks
+
+    def _band(self, weights, rows):
+        """weights (D, C, K, K) -> the banded matrix B (D*rows, R*C*K), R = S*(rows - 1) + K, with
+        B[(d, h), (r, c, j)] = F[d, c, r - S*h, j] where 0 <= r - S*h < K, and 0 elsewhere: output
+        row h of a block reads the block's input rows S*h, ..., S*h + K - 1 (THEORY.md §3.1), so
+        B @ windows (_window_blocks) is the block's output, rows (d, h), columns (w, n)."""
+        D, C, K, _ = weights.shape
+        S = self.stride
+        R = S * (rows - 1) + K
+        by_row = weights.transpose(0, 2, 1, 3)  # (D, K_i, C, K_j)
+        band = jnp.stack([jnp.pad(by_row, ((0, 0), (S * h, R - S * h - K), (0, 0), (0, 0))) for h in range(rows)],
+                         axis=1)  # (D, rows, R, C, K)
+        return band.reshape(D * rows, R * C * K)
 
     def _input_gradient(self, weights, d_y, x_shape):
         """weights (D, C, K, K), d_y (D, H_out, W_out, N) -> d_x of shape x_shape (C, H, W, N):

@@ -88,7 +88,8 @@ def test_convolution_matches_vjp_over_random_configurations():
     assert {c["N"] == 1 for c in configs} == {True, False} and {c["tied"] for c in configs} == {True, False}
     assert all({c[key] for c in configs} == values for key, values in
                [("C", {1, 2, 3}), ("S", {1, 2, 3}), ("P", {0, 1, 2}), ("N", {1, 2, 3, 4})])
-    # Both ways of building the im2col patches (Convolutional._patch_blocks), each in a batch.
+    # Both ways of taking a batch's sums: XLA's convolution and im2col patches (one input channel, at
+    # most 3x3), and the banded products (Convolutional._band) otherwise.
     assert {c["C"] == 1 and c["K"] <= 3 for c in configs if c["N"] > 1} == {True, False}
     cases = [conv_case(c, rng) for c in configs]
     for c, errors in zip(configs, layer_errors_vs_vjp_cases(cases)):
@@ -99,19 +100,22 @@ def test_convolution_matches_vjp_over_random_configurations():
 
 
 def test_convolution_in_blocks_of_rows(monkeypatch):
-    """For a batch, the im2col forward and dW are taken over blocks of whole output rows, at most
-    DW_BLOCK_COLUMNS columns each. The configurations above fit in one block; here the blocks hold
-    two rows each, so every layer with more than two output rows needs several, the last one short
-    where the count is odd. Both ways of building the patches are among them."""
+    """For a batch, the forward and dW are taken over blocks of whole output rows: the im2col
+    product's at most DW_BLOCK_COLUMNS columns each, the banded products' BAND_ROWS rows each. The
+    configurations above mostly fit in one block; here the blocks hold two rows each, so every layer
+    with more than two output rows needs several, the last one short where the count is odd. Both
+    ways are among them."""
     rng = np.random.default_rng(4)
     batches = [c for c in conv_configs(40, seed=5) if c["N"] > 1 and output_rows(c) > 2][:6]
     assert len(batches) >= 5 and any(output_rows(c) % 2 for c in batches)
     assert {c["C"] == 1 and c["K"] <= 3 for c in batches} == {True, False}
+    monkeypatch.setattr(convolutional_module, "BAND_ROWS", 2)
     for c in batches:
         layer, params, x, d_y = conv_case(c, rng)
         _, H_out, W_out = layer.output_shape(layer.input_shape)
         monkeypatch.setattr(convolutional_module, "DW_BLOCK_COLUMNS", 2 * W_out * c["N"])
         assert len(layer._row_blocks(H_out, W_out, c["N"])) == -(-H_out // 2)
+        assert [rows for (_, rows), _ in layer._window_blocks(x)] == [2] * (H_out // 2) + [1] * (H_out % 2)
         errors = layer_errors_vs_vjp(layer, params, x, d_y)
         assert errors["d_weights"] <= VJP_BOUND, f"Convolutional {c}: d_weights relative error {errors['d_weights']:.2e}"
         y = quick_jit(lambda p, x: layer.forward(p, x)[0], params, x)
@@ -124,7 +128,7 @@ def test_convolution_matches_naive_loops():
     rng = np.random.default_rng(2)
     # The loops are slow: keep to configurations with few multiply-adds.
     small = [c for c in conv_configs(40, seed=3) if c["N"] * c["D"] * c["C"] * c["H"] * c["W"] * c["K"] ** 2 < 8000]
-    # Both forwards (XLA's convolution for one input channel and at most 3x3, the im2col product
+    # Both forwards (XLA's convolution for one input channel and at most 3x3, the banded products
     # otherwise, one channel included), single samples and batches.
     assert len(small) >= 5 and {c["N"] == 1 for c in small[:6]} == {True, False}
     assert {c["C"] == 1 and c["K"] <= 3 for c in small[:6]} == {True, False}
