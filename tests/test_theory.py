@@ -20,8 +20,8 @@ LIBRARY_PREFIXES = ("jax.", "lax.", "jnp.")
 
 
 def definitions():
-    """{module name: {top-level function and class names, Class.method and module.function names}}
-    of every .py file of the project and its tests."""
+    """{module name: {top-level function, class and constant names, Class.method and module.function
+    names}} of every .py file of the project and its tests."""
     found = {}
     for path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py")):
         tree = ast.parse(open(path).read())
@@ -29,6 +29,8 @@ def definitions():
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 names.add(node.name)
+            if isinstance(node, ast.Assign):
+                names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
             if isinstance(node, ast.ClassDef):
                 names |= {f"{node.name}.{item.name}" for item in node.body if isinstance(item, ast.FunctionDef)}
         module = os.path.splitext(os.path.basename(path))[0]
