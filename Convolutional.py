@@ -35,8 +35,8 @@ from windows import offset_slices, output_size, spread
 # For a batch, the weight gradient is one matrix product over all pixels and samples
 # (Convolutional._weight_gradient). Where it is the im2col product (one input channel, at most 3x3)
 # it is computed in blocks of whole output rows, at most this many columns each (at least one row),
-# and the blocks' products summed: each block's operands, for the default network 2 rows of 6,656
-# floats (0.37 MB), then stay in a core's cache while the product reads them.
+# and the blocks' products summed: each block's operands, for the default network 9 + 5 matrix rows
+# of 6,656 floats (0.37 MB), then stay in a core's cache while the product reads them.
 DW_BLOCK_COLUMNS = 8192
 
 # Elsewhere the forward and the weight gradient are banded products (Convolutional._band), taken
@@ -191,7 +191,8 @@ class Convolutional:
         _, H_out, W_out = self.output_shape(x.shape[:3])
         patches = lax.conv_general_dilated_patches(x, (K, K), (S, S), ((P, P), (P, P)),
                                                    dimension_numbers=("CHWN", "OIHW", "CHWN"))
-        return [patches[:, top:top + rows].reshape(K * K, -1) for top, rows in self._row_blocks(H_out, W_out, x.shape[3])]
+        blocks = self._row_blocks(H_out, W_out, x.shape[3])
+        return [patches[:, top:top + rows].reshape(K * K, -1) for top, rows in blocks]
 
     def _window_blocks(self, x):
         """x (C, H, W, N) -> [((top, rows), windows), ...] for the blocks of BAND_ROWS output rows
@@ -208,8 +209,8 @@ class Convolutional:
         _, H_out, W_out = self.output_shape(x.shape[:3])
         x_pad = jnp.pad(x, ((0, 0), (P, P), (P, P), (0, 0)))
         # by_column[r, c, j, w, n] = x_pad[c, r, S*w + j, n]: the K column offsets' slices stacked.
-        by_column = jnp.stack([x_pad[:, :, j:j + S * (W_out - 1) + 1:S] for j in range(K)], axis=2).transpose(1, 0, 2, 3, 4)
-        by_column = by_column.reshape(-1, W_out * N)
+        by_column = jnp.stack([x_pad[:, :, j:j + S * (W_out - 1) + 1:S] for j in range(K)], axis=2)
+        by_column = by_column.transpose(1, 0, 2, 3, 4).reshape(-1, W_out * N)
         blocks = []
         for top in range(0, H_out, BAND_ROWS):
             rows = min(BAND_ROWS, H_out - top)
