@@ -177,7 +177,11 @@ class Convolutional:
     def _row_blocks(H_out, W_out, N):
         """The blocks of whole output rows, [(top, rows), ...], at most DW_BLOCK_COLUMNS columns each
         (at least one row); the last block may be shorter."""
-        rows = max(1, DW_BLOCK_COLUMNS // (W_out * N))
+        return Convolutional._blocks_of(H_out, max(1, DW_BLOCK_COLUMNS // (W_out * N)))
+
+    @staticmethod
+    def _blocks_of(H_out, rows):
+        """H_out output rows cut into blocks of `rows` rows, [(top, rows), ...]; the last may be shorter."""
         return [(top, min(rows, H_out - top)) for top in range(0, H_out, rows)]
 
     def _patch_blocks(self, x):
@@ -212,8 +216,7 @@ class Convolutional:
         by_column = jnp.stack([x_pad[:, :, j:j + S * (W_out - 1) + 1:S] for j in range(K)], axis=2)
         by_column = by_column.transpose(1, 0, 2, 3, 4).reshape(-1, W_out * N)
         blocks = []
-        for top in range(0, H_out, BAND_ROWS):
-            rows = min(BAND_ROWS, H_out - top)
+        for top, rows in self._blocks_of(H_out, BAND_ROWS):
             first, count = S * top * C * K, (S * (rows - 1) + K) * C * K
             blocks.append(((top, rows), by_column[first:first + count]))
         return blocks
