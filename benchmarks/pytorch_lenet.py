@@ -12,10 +12,10 @@ epoch by epoch, compares them at the same moment of that drift.
 Ours is `python model.py --preset lenet`'s training itself (model.train): each of its epochs is
 timed as model.py times it, and after each one (the evaluation is not timed) PyTorch trains one
 epoch of its own. The PyTorch side is the same network written as PyTorch users write it (Conv2d,
-MaxPool2d, Linear, cross_entropy, loss.backward(), SGD with momentum 0.9 and weight decay 5e-4 at
-a constant learning rate 0.05; the schedule costs nothing worth timing), on the same uint8 images
-scaled to [0, 1] batch by batch, reshuffled every epoch, on as many threads as PyTorch takes by
-default (one per core).
+MaxPool2d, Linear, cross_entropy, loss.backward(), SGD with the preset's momentum and weight decay
+at a constant learning rate, the preset's peak; the schedule costs nothing worth timing), on the
+same uint8 images scaled to [0, 1] batch by batch, reshuffled every epoch, on as many threads as
+PyTorch takes by default (one per core).
 """
 
 import argparse
@@ -68,7 +68,9 @@ def main(argv=None):
     train_images, train_labels, test_images, test_labels = load_idx(os.path.join(ROOT, "data"))
     torch.manual_seed(0)
     network = pytorch_lenet(torch)
-    optimiser = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    recipe = model.PRESETS["lenet"]
+    optimiser = torch.optim.SGD(network.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
+                                weight_decay=recipe["weight_decay"])
     images = torch.from_numpy(train_images[:, None].copy())
     labels = torch.from_numpy(train_labels.astype("int64"))
     pytorch_seconds = []
