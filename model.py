@@ -1609,18 +1609,6 @@ def main(argv=None, log=None):
     check_args(args, available_train_images=len(train_images))
     mesh = make_mesh(args)
 
-    device = describe_device()
-    if mesh is not None:
-        device += f", {mesh.size} devices in {counted(args.num_processes, 'process', 'processes')}"
-    held_out = f", the last {args.val_size} held out for validation" if args.val_size else ""
-    described = describe_data(network.input_shape, network.num_classes)
-    if args.eval_only:
-        log(f"JAX {jax.__version__} on {device}; evaluating {args.load} ({network_kind} network) on "
-            f"{len(test_images)} test images ({described})")
-    else:
-        log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
-            f"{args.train_size} training images ({described}){held_out}, batch {args.batch_size}, lr {args.lr}, "
-            f"momentum {args.momentum}, weight decay {args.weight_decay}, {counted(args.epochs, 'epoch')}")
     if args.val_size:
         eval_name, eval_images, eval_labels = "val", train_images[-args.val_size:], train_labels[-args.val_size:]
     else:
@@ -1652,9 +1640,25 @@ def main(argv=None, log=None):
         moved = (f"; it trained on {counted(saved_on, 'device')} and continues on {devices_now}, "
                  "so its sums are split otherwise and its numbers will not equal, bit for bit, those of a run "
                  "never interrupted") if saved_on != devices_now else ""
-        log(f"resuming {args.resume} after epoch {len(run['epochs'])}{moved}")
+        resuming = f"resuming {args.resume} after epoch {len(run['epochs'])}{moved}"
     else:
         params = network.init(run_keys(args.seed)[0])
+
+    # Announced once every refusal (a checkpoint that does not fit, a finished run) has had its say.
+    device = describe_device()
+    if mesh is not None:
+        device += f", {mesh.size} devices in {counted(args.num_processes, 'process', 'processes')}"
+    held_out = f", the last {args.val_size} held out for validation" if args.val_size else ""
+    described = describe_data(network.input_shape, network.num_classes)
+    if args.eval_only:
+        log(f"JAX {jax.__version__} on {device}; evaluating {args.load} ({network_kind} network) on "
+            f"{len(test_images)} test images ({described})")
+    else:
+        log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
+            f"{args.train_size} training images ({described}){held_out}, batch {args.batch_size}, lr {args.lr}, "
+            f"momentum {args.momentum}, weight decay {args.weight_decay}, {counted(args.epochs, 'epoch')}")
+    if resume:
+        log(resuming)
     # With the flags, the number of devices the run trains on: not a flag of the run (it may change
     # on resuming), but it decides how each batch's sums are split; and the data it trains on.
     config = {**{name: getattr(args, name) for name in RUN_FLAGS}, "devices": device_count(mesh),

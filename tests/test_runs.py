@@ -278,6 +278,20 @@ def test_resume_refuses_other_data(tmp_path, small_mnist):
                                      f"those in {small_mnist} ({why}); resume it on its own data, with --data-dir")
 
 
+def test_a_checkpoint_is_refused_before_the_run_announces_itself(tmp_path, small_mnist):
+    """A refusal is the run's one line: the line announcing the run (device, network, data) used
+    to come first, for checkpoints found not to fit only after it."""
+    wrong_network = model.build_network("original")
+    model.save_checkpoint(str(tmp_path / "original.npz"), wrong_network.init(model.run_keys(0)[0]), wrong_network)
+    save_run(tmp_path / "done.npz", (*SMALL_RUN, "--epochs", "2"), epochs_done=2)
+    for flags, why in ((("--load", str(tmp_path / "original.npz"), "--eval-only"), "'original' network"),
+                       (("--resume", str(tmp_path / "done.npz")), "has already done the 2 epochs")):
+        lines = []
+        with pytest.raises(model.UsageError, match=why):
+            model.main([*flags, "--data-dir", small_mnist, "--out-dir", str(tmp_path / "out")], log=lines.append)
+        assert lines == []
+
+
 def test_resume_on_another_number_of_devices_says_the_numbers_will_differ(tmp_path, small_mnist):
     """A run saved while training on 2 devices, resumed here on 1: allowed (a machine may change),
     but the resumed run cannot equal the uninterrupted one bit for bit, and says so in its line."""
