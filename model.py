@@ -77,11 +77,11 @@ from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
 
 PRESETS = {
     "default": dict(epochs=15, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4,
-                    schedule="cosine", train_size=60000, shuffle=True, seed=0),
+                    schedule="cosine", warmup_epochs=0, train_size=60000, shuffle=True, seed=0),
     "seed": dict(epochs=10, batch_size=1, lr=0.01, momentum=0.0, weight_decay=0.0,
-                 schedule="constant", train_size=5000, shuffle=False, seed=0),
+                 schedule="constant", warmup_epochs=0, train_size=5000, shuffle=False, seed=0),
     "lenet": dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-                  train_size=60000, shuffle=True, seed=0),
+                  warmup_epochs=0, train_size=60000, shuffle=True, seed=0),
 }
 # The network each preset builds; a checkpoint records it and refuses to load into the other.
 PRESET_NETWORK = {"default": "modern", "seed": "original", "lenet": "lenet"}
@@ -386,15 +386,24 @@ def local(tree):
     return jax.tree_util.tree_map(lambda x: x.addressable_data(0), tree)
 
 
-def learning_rates(schedule, lr, epoch, epochs, steps):
+def learning_rates(schedule, lr, epoch, epochs, steps, warmup_epochs=0):
     """The learning rate of every step of one epoch (0-based epoch number).
 
     "constant": lr throughout. "cosine": lr * (1 + cos(pi * t)) / 2 with t the fraction of all
-    training steps done, falling smoothly from lr to near 0 at the last step.
+    training steps done, falling smoothly from lr to near 0 at the last step. With warmup_epochs
+    W > 0, step s (counted from 0 over the whole run) takes min(1, (s + 1) / (W * steps)) times that:
+    the rate climbs linearly over the first W epochs. At full rate from the first step, a high lr
+    can push every pre-activation of a ReLU layer below 0 before the network has learned anything;
+    its gradient is then 0 for good (THEORY.md §5, README.md's LeNet-5 section has such a run).
     """
     if schedule == "constant":
-        return np.full((steps,), lr, np.float32)
-    return cosine_rates(lr * 0.5, epoch * steps, epochs * steps, steps)
+        rates = np.full((steps,), lr, np.float32)
+    else:
+        rates = cosine_rates(lr * 0.5, epoch * steps, epochs * steps, steps)
+    if warmup_epochs == 0:
+        return rates
+    ramp = np.minimum(1.0, (epoch * steps + np.arange(1, steps + 1)) / (warmup_epochs * steps))
+    return np.asarray(rates) * ramp.astype(np.float32)
 
 
 # One compilation for every epoch. The numbers are arguments, not constants compiled into the
@@ -510,6 +519,8 @@ def check_records(stored):
             config, epochs = json.loads(str(stored["run/config"])), json.loads(str(record("run/epochs")))
         except json.JSONDecodeError:
             raise ValueError("run/config or run/epochs is not JSON") from None
+        if isinstance(config, dict):
+            config.setdefault("warmup_epochs", 0)  # runs saved before the flag existed had none
         if not isinstance(config, dict) or not set(RUN_FLAGS) <= set(config):
             raise ValueError("run/config does not hold every flag of a run")
         if not isinstance(epochs, list):
@@ -613,8 +624,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 # The flags that decide what a run computes. A resumed run takes them from its checkpoint and
 # refuses different values; the others (--data-dir, --out-dir, --save) may change.
-RUN_FLAGS = ("preset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "shuffle",
-             "train_size", "val_size", "seed")
+RUN_FLAGS = ("preset", "epochs", "batch_size", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs",
+             "shuffle", "train_size", "val_size", "seed")
 
 
 def flag_of(name):
@@ -642,6 +653,7 @@ def parse_args(argv=None):
         ("--lr", float, "learning rate (the peak of the cosine schedule)"),
         ("--momentum", float, "SGD momentum in [0, 1); 0 is plain SGD"),
         ("--weight-decay", float, "L2 penalty coefficient added to every gradient (0: none)"),
+        ("--warmup-epochs", int, "epochs over which the learning rate climbs linearly to its schedule (0: none)"),
         ("--train-size", int, "use the first N training images (with --val-size, of those not held out)"),
         ("--seed", int, "seed for initialisation and shuffling"),
     ]:
@@ -728,6 +740,8 @@ def check_args(args, available_train_images=None):
         raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be 0 or more, got {args.weight_decay}")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise UsageError(f"--warmup-epochs must be 0 to --epochs ({args.epochs}), got {args.warmup_epochs}")
     if args.val_size < 0:
         raise UsageError(f"--val-size must be 0 or more, got {args.val_size}")
     if available_train_images is not None and args.val_size >= available_train_images:
@@ -985,7 +999,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
     start = time.perf_counter()
     train_epoch = make_train_epoch(network, momentum, args.weight_decay, mesh).lower(
         params, velocity, images, labels, in_order,
-        replicated(learning_rates(args.schedule, args.lr, 0, args.epochs, steps), mesh)).compile()
+        replicated(learning_rates(args.schedule, args.lr, 0, args.epochs, steps, args.warmup_epochs), mesh)).compile()
     compile_seconds = time.perf_counter() - start
     train_seconds = compile_seconds
 
@@ -1000,7 +1014,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
             order = replicated(order, mesh)
         else:
             order = in_order
-        rates = replicated(learning_rates(args.schedule, args.lr, epoch, args.epochs, steps), mesh)
+        rates = replicated(learning_rates(args.schedule, args.lr, epoch, args.epochs, steps, args.warmup_epochs), mesh)
         start = time.perf_counter()
         params, velocity, losses = train_epoch(params, velocity, images, labels, order, rates)
         # Each step's loss is that batch's mean, and every batch has batch_size images, so the
@@ -1024,7 +1038,8 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
             warned_near_chance = True
             log(f"warning: {eval_name} accuracy {100 * accuracy:.2f}% in epoch {epoch + 1} is within "
                 f"{100 * NEAR_CHANCE:.0f} points of chance ({100 * chance:.2f}%, always answering the most "
-                f"common class): the learning rate {args.lr} may be too high, or too low for "
+                f"common class): the learning rate {args.lr} may be too high (lower it, or climb to it with "
+                f"--warmup-epochs), or too low for "
                 f"{counted(args.epochs, 'epoch')}, or the labels may not belong to the images")
     return local(params), epochs, compile_seconds, train_seconds, predictions
 
@@ -1656,7 +1671,8 @@ def main(argv=None, log=None):
     else:
         log(f"JAX {jax.__version__} on {device}; preset {args.preset!r} ({network_kind} network): "
             f"{args.train_size} training images ({described}){held_out}, batch {args.batch_size}, lr {args.lr}, "
-            f"momentum {args.momentum}, weight decay {args.weight_decay}, {counted(args.epochs, 'epoch')}")
+            f"momentum {args.momentum}, weight decay {args.weight_decay}, {counted(args.epochs, 'epoch')}"
+            + (f" ({args.warmup_epochs} warming up)" if args.warmup_epochs else ""))
     if resume:
         log(resuming)
     # With the flags, the number of devices the run trains on: not a flag of the run (it may change

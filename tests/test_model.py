@@ -96,6 +96,33 @@ def test_compiled_cosine_schedule_equals_the_formula_op_by_op():
                                               err_msg=f"lr {lr}, epoch {epoch} of {epochs}, {steps} steps")
 
 
+def test_warmup_climbs_linearly_to_the_schedule():
+    """With --warmup-epochs W, step s of the run (from 0) takes min(1, (s + 1) / (W * steps)) times
+    the schedule's rate: the first step 1 / (W * steps) of it, full rate from the last warming step
+    on, bit for bit the schedule's alone."""
+    epochs, steps, warmup = 3, 5, 2
+    for schedule in ("constant", "cosine"):
+        plain = np.concatenate([model.learning_rates(schedule, 0.1, epoch, epochs, steps) for epoch in range(epochs)])
+        warmed = np.concatenate([model.learning_rates(schedule, 0.1, epoch, epochs, steps, warmup)
+                                 for epoch in range(epochs)])
+        assert warmed.dtype == np.float32
+        ramp = np.minimum(1, np.arange(1, epochs * steps + 1) / (warmup * steps))
+        np.testing.assert_allclose(warmed, plain * ramp, rtol=1e-6, err_msg=schedule)
+        np.testing.assert_array_equal(warmed[warmup * steps - 1:], plain[warmup * steps - 1:], err_msg=schedule)
+
+
+def test_a_run_saved_before_warmup_existed_resumes_without_it(tmp_path):
+    """Checkpoints written before --warmup-epochs have no such flag in their run's config: they are
+    still runs to resume, with no warmup."""
+    save_run(tmp_path / "run.npz")
+    with np.load(tmp_path / "run.npz") as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    config = json.loads(str(arrays["run/config"]))
+    del config["warmup_epochs"]
+    np.savez(tmp_path / "older.npz", **{**arrays, "run/config": np.array(json.dumps(config))})
+    assert model.read_checkpoint("--resume", str(tmp_path / "older.npz"))["run/config"]["warmup_epochs"] == 0
+
+
 def test_shuffled_order_is_jax_random_permutation():
     """shuffled_order sorts on the host what JAX's permutation sorts with XLA; the orders, and the key
     it hands the next epoch, must be those of jax.random.permutation after the same split, or every
@@ -423,6 +450,8 @@ REFUSALS = [
     (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"),
     (["--momentum", "1.5"], "--momentum"),
+    (["--warmup-epochs", "16"], "--warmup-epochs must be 0 to --epochs (15), got 16"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be 0 to --epochs"),
     (["--train-size", "70000"], "--train-size 70000"),
     (["--val-size", "-1"], "--val-size"),
     (["--val-size", "60000"], "--val-size 60000 leaves none"),
