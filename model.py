@@ -393,8 +393,8 @@ def learning_rates(schedule, lr, epoch, epochs, steps, warmup_epochs=0):
     training steps done, falling smoothly from lr to near 0 at the last step. With warmup_epochs
     W > 0, step s (counted from 0 over the whole run) takes min(1, (s + 1) / (W * steps)) times that:
     the rate climbs linearly over the first W epochs. At full rate from the first step, a high lr
-    can push every pre-activation of a ReLU layer below 0 before the network has learned anything;
-    its gradient is then 0 for good (THEORY.md §5, README.md's LeNet-5 section has such a run).
+    can push every pre-activation of a ReLU layer below 0 before the network has learned anything,
+    and no gradient passes that layer again (THEORY.md §5; README.md's LeNet-5 section has such a run).
     """
     if schedule == "constant":
         rates = np.full((steps,), lr, np.float32)
@@ -996,10 +996,12 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
     params, velocity = replicated((params, velocity), mesh)
     in_order = replicated(np.arange(steps * args.batch_size, dtype=np.int32), mesh)
 
+    def rates_of(epoch):
+        return replicated(learning_rates(args.schedule, args.lr, epoch, args.epochs, steps, args.warmup_epochs), mesh)
+
     start = time.perf_counter()
     train_epoch = make_train_epoch(network, momentum, args.weight_decay, mesh).lower(
-        params, velocity, images, labels, in_order,
-        replicated(learning_rates(args.schedule, args.lr, 0, args.epochs, steps, args.warmup_epochs), mesh)).compile()
+        params, velocity, images, labels, in_order, rates_of(0)).compile()
     compile_seconds = time.perf_counter() - start
     train_seconds = compile_seconds
 
@@ -1014,7 +1016,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
             order = replicated(order, mesh)
         else:
             order = in_order
-        rates = replicated(learning_rates(args.schedule, args.lr, epoch, args.epochs, steps, args.warmup_epochs), mesh)
+        rates = rates_of(epoch)
         start = time.perf_counter()
         params, velocity, losses = train_epoch(params, velocity, images, labels, order, rates)
         # Each step's loss is that batch's mean, and every batch has batch_size images, so the
