@@ -34,10 +34,10 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, smal
     """SIGINT once the first epoch line has appeared: the run stops after the epoch running, says
     where in one line, writes its outputs and checkpoint, and exits with 130. --resume then finishes
     it with the same parameters, bit for bit, and the same per-epoch table as a run never stopped.
-    Its warmup lasts past the stop, so the resumed run must also take that from the checkpoint."""
+    It warms up over all its epochs, so the resumed run must also take its warmup from the checkpoint."""
     def start(name):
-        return start_cli(*SMALL_RUN, "--warmup-epochs", "3", "--data-dir", small_mnist, "--out-dir", str(tmp_path / name), "--save",
-                         str(tmp_path / f"{name}.npz"), cwd=tmp_path)
+        return start_cli(*SMALL_RUN, "--warmup-epochs", "6", "--data-dir", small_mnist, "--out-dir",
+                         str(tmp_path / name), "--save", str(tmp_path / f"{name}.npz"), cwd=tmp_path)
 
     # The run never stopped goes alongside the other two (a second core shortens the test).
     straight = start("straight")
