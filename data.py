@@ -1,4 +1,5 @@
-"""IDX image datasets (MNIST and any other in its format), read with gzip, struct and numpy alone.
+"""IDX image datasets (MNIST and any other in its format), read with gzip, struct and numpy alone, and
+their pixels scaled to the network's input (to_input).
 
 An IDX file is a big-endian header followed by raw bytes:
     images: magic 2051 (0x00000803: unsigned bytes, 3 dimensions), count, rows, columns, then
@@ -21,6 +22,7 @@ import os
 import struct
 import zlib
 
+import jax.numpy as jnp
 import numpy as np
 
 FILES = {
@@ -31,6 +33,10 @@ FILES = {
 }
 # The MNIST the project ships, in data/ beside this file: found from any working directory.
 SHIPPED_MNIST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# MNIST's: one grey channel of 28 x 28 pixels, ten digits, each drawn to fit 20 x 20 pixels of its
+# field (ink_span): what a network is built for, and how --predict prepares a drawing, when nothing
+# else says.
+MNIST_INPUT_SHAPE, MNIST_CLASSES, MNIST_INK_SPAN = (1, 28, 28), 10, 20 / 28
 # The header's magic number for each number of dimensions an images file may have, and the labels'.
 IMAGE_MAGICS = {3: 2051, 4: 2052}
 LABEL_MAGIC = 2049
@@ -145,6 +151,22 @@ def _load_file(data_dir, key, checksums):
 def image_size(shape):
     """'28x28' for a grey image's shape (H, W), '32x32x3' for a colour one's (H, W, C)."""
     return "x".join(str(size) for size in shape)
+
+
+def describe_data(input_shape, num_classes):
+    """'28x28 images in 10 classes' for (1, 28, 28), '12x12x3 images in 4 classes' for (3, 12, 12)."""
+    C, H, W = input_shape
+    return f"{image_size((H, W) if C == 1 else (H, W, C))} images in {num_classes} classes"
+
+
+def to_input(images_uint8):
+    """(N, H, W) grey or (N, H, W, C) uint8 -> (C, H, W, N) float32 in [0, 1]: the channels first,
+    the batch last, as the convolution reads them (Convolutional.py)."""
+    if images_uint8.ndim == 3:
+        x = jnp.moveaxis(images_uint8, 0, -1)[None]
+    else:
+        x = jnp.transpose(images_uint8, (3, 1, 2, 0))
+    return x.astype(jnp.float32) / 255
 
 
 def load_idx(data_dir=SHIPPED_MNIST):

@@ -59,3 +59,33 @@ def add_offset_slices(d_slices, input_hw, stride):
     """
     H, W = input_hw
     return sum(spread(spread(d_slice, 1, i, H, stride), 2, j, W, stride) for (i, j), d_slice in d_slices.items())
+
+
+def im2col(x, window, stride, padding=0):
+    """The im2col matrix: every window's inputs as one column (THEORY.md §4.4).
+
+    x:       (C, H, W, N)
+    returns: (C*K*K, H_out*W_out*N) with K = window, row c*K*K + i*K + j holding channel c at offset
+             (i, j) of every window, columns in (h, w, n) order:
+             columns[c*K*K + i*K + j, (h, w, n)] = x_pad[c, stride*h + i, stride*w + j, n]
+    """
+    x_pad = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    slices = jnp.stack(list(offset_slices(x_pad, window, stride).values()), axis=1)  # (C, K*K, H_out, W_out, N)
+    return slices.reshape(x.shape[0] * window * window, -1)
+
+
+def col2im(d_columns, x_shape, window, stride, padding=0):
+    """The transpose of im2col: adds each column's entries back onto the input pixels they were
+    copied from, then crops the padding (THEORY.md §4.4, "dx in matrix form: col2im").
+
+    d_columns: (C*K*K, H_out*W_out*N), gradients with respect to im2col's output
+    x_shape:   (C, H, W, N) of the input
+    returns:   (C, H, W, N)
+    """
+    C, H, W, N = x_shape
+    K, P = window, padding
+    H_out, W_out = output_size(H, K, stride, P), output_size(W, K, stride, P)
+    by_offset = d_columns.reshape(C, K, K, H_out, W_out, N)
+    d_slices = {(i, j): by_offset[:, i, j] for i in range(K) for j in range(K)}
+    d_x_pad = add_offset_slices(d_slices, (H + 2 * P, W + 2 * P), stride)
+    return d_x_pad[:, P:P + H, P:P + W, :]

@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 
 import model  # noqa: E402
 from data import load_idx  # noqa: E402
+from machinery import flags  # noqa: E402
 
 
 def pytorch_lenet(torch):
@@ -68,7 +69,7 @@ def main(argv=None):
     train_images, train_labels, test_images, test_labels = load_idx(os.path.join(ROOT, "data"))
     torch.manual_seed(0)
     network = pytorch_lenet(torch)
-    recipe = model.PRESETS["lenet"]
+    recipe = flags.PRESETS["lenet"]
     optimiser = torch.optim.SGD(network.parameters(), lr=recipe["lr"], momentum=recipe["momentum"],
                                 weight_decay=recipe["weight_decay"])
     images = torch.from_numpy(train_images[:, None].copy())
@@ -81,7 +82,7 @@ def main(argv=None):
         print(f"          PyTorch {torch.__version__} eager ({torch.get_num_threads()} threads): "
               f"train loss {loss:.4f}  {seconds:7.3f} s", flush=True)
 
-    run_args = model.parse_args(["--preset", "lenet", "--epochs", str(args.epochs)])
+    run_args = flags.parse_args(["--preset", "lenet", "--epochs", str(args.epochs)])
     lenet = model.network_for_data("lenet", os.path.join(ROOT, "data"), train_images, train_labels)
     _, epochs, _, _, _ = model.train(lenet, lenet.init(model.run_keys(run_args.seed)[0]), run_args, train_images,
                                      train_labels, test_images, test_labels, log=lambda line: print(line, flush=True),

@@ -37,9 +37,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
+import data  # noqa: E402
 import model  # noqa: E402
 from DenseLayer import ReLU  # noqa: E402
 from data import load_idx  # noqa: E402
+from machinery import devices, errors, files, flags  # noqa: E402
 
 
 def peer_loss(params, images, labels):
@@ -83,7 +85,7 @@ def lenet_peer_loss_and_grads(network):
 
 
 def ours_loss_and_grads(network):
-    return lambda params, images, labels: network.loss_and_grads(params, model.to_input(images), labels)
+    return lambda params, images, labels: network.loss_and_grads(params, data.to_input(images), labels)
 
 
 class AutodiffReLU(ReLU):
@@ -101,7 +103,7 @@ def same_layout_loss_and_grads(network):
                          network.loss)
 
     def loss(params, images, labels):
-        output, _ = peer.forward(params, model.to_input(images))
+        output, _ = peer.forward(params, data.to_input(images))
         return peer.loss.forward(output, jax.nn.one_hot(labels, output.shape[-1], dtype=output.dtype))[0]
 
     return jax.value_and_grad(loss)
@@ -204,12 +206,12 @@ def whole_runs(mnist, quick):
     and the median of its epochs; the median of 5 epochs of the default preset (60,000 images each).
     quick: one short epoch of each, of the sizes tests/test_model.py trains (shared compilations)."""
     quiet = lambda line: None  # noqa: E731
-    seed_args = model.parse_args(["--preset", "seed"] + (["--epochs", "1", "--train-size", "500"] if quick else []))
+    seed_args = flags.parse_args(["--preset", "seed"] + (["--epochs", "1", "--train-size", "500"] if quick else []))
     network = model.build_network("original")
     params = network.init(model.run_keys(seed_args.seed)[0])
     _, seed_epochs, seed_compile, seed_total, _ = model.train(network, params, seed_args, *mnist, log=quiet)
 
-    default_args = model.parse_args(["--epochs", "1" if quick else "5"]
+    default_args = flags.parse_args(["--epochs", "1" if quick else "5"]
                                     + (["--train-size", "3000", "--batch-size", "32"] if quick else []))
     network = model.build_network("modern")
     params = network.init(model.run_keys(default_args.seed)[0])
@@ -229,8 +231,8 @@ def main(argv=None):
                         help="where to write the results (default: %(default)s)")
     args = parser.parse_args(argv)
     try:  # refused now, not after minutes of timing
-        model.require_writable_file("--out", args.out, "results.json")
-    except model.UsageError as error:
+        files.require_writable_file("--out", args.out, "results.json")
+    except errors.UsageError as error:
         parser.error(str(error))
     repeats, min_seconds = (1, 0.0) if args.quick else (7, 0.2)
 
@@ -275,7 +277,7 @@ def main(argv=None):
     results = {
         "quick": args.quick,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "jax_version": jax.__version__,
-                    "device": model.describe_device()},
+                    "device": devices.describe_device()},
         "same_step": agreement,
         "training_step": rows,
         "lenet_training_step": lenet_row,

@@ -107,18 +107,24 @@ def small_run(tmp_path_factory, small_mnist):
 
 
 def save_run(path, flags=(), epochs_done=0, **config):
-    """A checkpoint as --save writes it for a run of the default network started with flags, after
-    epochs_done epochs: freshly drawn parameters (and velocity), made-up epoch records; config
-    entries override the run's recorded ones. Returns (network, params)."""
+    """A checkpoint as --save writes it for a run of the default network started with flags (on the
+    data their --data-dir names), after epochs_done epochs: freshly drawn parameters (and velocity),
+    made-up epoch records; config entries override the run's recorded ones. Returns (network, params)."""
     import model
+    from data import fingerprint, load_idx
+    from machinery import checkpoints
+    from machinery.flags import RUN_FLAGS, parse_args
 
-    args = model.parse_args(list(flags))
+    args = parse_args(list(flags))
     network = model.build_network("modern")
     init_key, shuffle_key = model.run_keys(args.seed)
     params = network.init(init_key)
-    run = {"config": {**{name: getattr(args, name) for name in model.RUN_FLAGS}, **config},
+    recorded = {"devices": 1, "data_dir": os.path.abspath(args.data_dir)}
+    if "data_sha256" not in config:
+        recorded["data_sha256"] = fingerprint(*load_idx(args.data_dir))
+    run = {"config": {**{name: getattr(args, name) for name in RUN_FLAGS}, **recorded, **config},
            "shuffle_key": shuffle_key,
            "epochs": [{"epoch": epoch, "train_loss": 0.5, "test_accuracy": 0.9, "seconds": 1.0}
                       for epoch in range(1, epochs_done + 1)]}
-    model.save_checkpoint(str(path), params, network, params, run)
+    checkpoints.save_checkpoint(str(path), params, network, params, run)
     return network, params

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import model
+from machinery import checkpoints, drawings, errors, files, pictures
 from conftest import ROOT, idx_bytes
 from data import DataError
 
@@ -69,12 +71,12 @@ def test_a_colour_dataset_trains_end_to_end_with_its_own_pictures(colour_run):
     losses = [epoch["train_loss"] for epoch in metrics["epochs"]]
     assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
     assert metrics["test_accuracy"] > 0.8, metrics["test_accuracy"]  # chance is about 0.3
-    assert sorted(os.listdir(folder / "out")) == sorted(model.OUTPUT_FILES)
+    assert sorted(os.listdir(folder / "out")) == sorted(files.OUTPUT_FILES)
     # The pictures adapt: one row per input channel and a colour row for the filters, the
     # misclassified images in colour.
     from matplotlib.figure import Figure
     first_filters = np.random.default_rng(0).normal(size=(5, 3, 3, 3))
-    figure = model.filters_figure(first_filters)
+    figure = pictures.filters_figure(first_filters)
     assert isinstance(figure, Figure) and np.shape(figure.axes) == (4 * 5,)
     with Image.open(folder / "out" / "misclassified.png") as picture:
         pixels = np.asarray(picture.convert("RGB"), np.int64)
@@ -98,18 +100,18 @@ def test_predict_prepares_pictures_for_a_colour_network(colour_run, tmp_path):
     assert model.main(["--load", str(folder / "net.npz"), "--predict", *paths], log=lines.append) == 0
     answers = [int(line.split(": class ")[1].split(";")[0]) for line in lines if ": class " in line]
     network = model.build_network("modern", (3, 12, 12), 4)
-    params = model.load_checkpoint(str(folder / "net.npz"), network)
-    probabilities = jax.jit(network.probabilities)(params, model.to_input(test_images[:4].astype(np.uint8)))
+    params = checkpoints.load_checkpoint(str(folder / "net.npz"), network)
+    probabilities = jax.jit(network.probabilities)(params, data.to_input(test_images[:4].astype(np.uint8)))
     expected = np.asarray(probabilities).argmax(-1)
     assert answers == list(expected) + [expected[0]], lines
     # --predict's preparation of a colour picture: any size to 12x12x3, transparency onto white.
-    prepared, warning = model.load_drawing(paths[-1], (3, 12, 12))
+    prepared, warning = drawings.load_drawing(paths[-1], (3, 12, 12))
     assert warning is None and prepared.shape == (12, 12, 3) and prepared.dtype == np.uint8
     assert np.abs(prepared.astype(int) - test_images[0]).max() <= 60
     half_clear = np.concatenate([test_images[0].astype(np.uint8), np.full((12, 12, 1), 255, np.uint8)], -1)
     half_clear[:, :6, 3] = 0
     Image.fromarray(half_clear, "RGBA").save(tmp_path / "half_clear.png")
-    prepared, _ = model.load_drawing(str(tmp_path / "half_clear.png"), (3, 12, 12))
+    prepared, _ = drawings.load_drawing(str(tmp_path / "half_clear.png"), (3, 12, 12))
     assert (prepared[:, :6] == 255).all() and np.array_equal(prepared[:, 6:], test_images[0][:, 6:])
 
 
@@ -117,22 +119,22 @@ def test_grey_drawings_are_prepared_for_the_network_size(tmp_path):
     ink = np.zeros((90, 60), np.uint8)
     ink[10:80, 25:35] = 255  # a "1", light on dark
     Image.fromarray(ink, "L").save(tmp_path / "one.png")
-    prepared, warning = model.load_drawing(str(tmp_path / "one.png"), (1, 16, 20))
+    prepared, warning = drawings.load_drawing(str(tmp_path / "one.png"), (1, 16, 20))
     assert warning is None and prepared.shape == (16, 20)
     rows = np.flatnonzero(prepared.max(axis=1) > 25)
-    assert len(rows) == round(model.MNIST_INK_SPAN * 16)  # the longer side fills the box, as MNIST's 20 of 28
+    assert len(rows) == round(data.MNIST_INK_SPAN * 16)  # the longer side fills the box, as MNIST's 20 of 28
     # For a network trained on images whose drawings fill their frame (Fashion-MNIST's items), it
     # fills the frame.
-    prepared, _ = model.load_drawing(str(tmp_path / "one.png"), (1, 16, 20), span=1.0)
+    prepared, _ = drawings.load_drawing(str(tmp_path / "one.png"), (1, 16, 20), span=1.0)
     assert len(np.flatnonzero(prepared.max(axis=1) > 25)) == 16
-    with pytest.raises(model.UsageError, match="2-channel images"):
-        model.load_drawing(str(tmp_path / "one.png"), (2, 16, 20))
+    with pytest.raises(errors.UsageError, match="2-channel images"):
+        drawings.load_drawing(str(tmp_path / "one.png"), (2, 16, 20))
 
 
 def test_predict_scales_drawings_as_the_checkpoints_data_was(tmp_path, monkeypatch):
     """A checkpoint records how much of its frame a training image's drawing spans (data.ink_span):
     --load --predict scales a drawing to that (a grey network trained on Fashion-MNIST's frame-filling
-    items, say), and to MNIST's 20 of 28 for a checkpoint that does not say."""
+    items, say), and to MNIST's 20 of 28 for MNIST's."""
     ink = np.zeros((90, 60), np.uint8)
     ink[10:80, 25:35] = 255
     Image.fromarray(ink, "L").save(tmp_path / "one.png")
@@ -144,8 +146,8 @@ def test_predict_scales_drawings_as_the_checkpoints_data_was(tmp_path, monkeypat
         prepared.extend(image for _, image, _ in drawings)
 
     monkeypatch.setattr(model, "classify_drawings", classify_drawings)
-    for span in (1.0, None):
-        model.save_checkpoint(str(tmp_path / "net.npz"), params, network, span=span)
+    for span in (1.0, data.MNIST_INK_SPAN):
+        checkpoints.save_checkpoint(str(tmp_path / "net.npz"), params, network, span=span)
         assert model.main(["--load", str(tmp_path / "net.npz"), "--predict", str(tmp_path / "one.png")]) == 0
     assert [len(np.flatnonzero(image.max(axis=1) > 25)) for image in prepared] == [28, 20]  # rows with ink
 
@@ -158,15 +160,15 @@ def test_large_drawings_are_read_without_pillows_warning_and_huge_ones_refused(t
         Image.fromarray(np.full((side, side), 255, np.uint8)).save(tmp_path / f"{side}.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert model.load_drawing(str(tmp_path / "20.png"))[0].shape == (28, 28)
-    with pytest.raises(model.UsageError, match="30.png: more than 600 pixels, too large an image for Pillow to "
+        assert drawings.load_drawing(str(tmp_path / "20.png"))[0].shape == (28, 28)
+    with pytest.raises(errors.UsageError, match="30.png: more than 600 pixels, too large an image for Pillow to "
                                                "read; scale it down"):
-        model.load_drawing(str(tmp_path / "30.png"))
+        drawings.load_drawing(str(tmp_path / "30.png"))
 
 
 def test_a_checkpoint_refuses_other_data(colour_run):
     folder, _, _ = colour_run
-    with pytest.raises(model.UsageError) as raised:
+    with pytest.raises(errors.UsageError) as raised:
         model.main(["--load", str(folder / "net.npz"), "--eval-only", "--data-dir", MNIST_DIR,
                     "--out-dir", str(folder / "other")])
     assert str(raised.value) == (f"--load {folder / 'net.npz'}: trained on 12x12x3 images in 4 classes, but this "
@@ -193,7 +195,7 @@ def grey_dataset(folder, size=8, train_labels=(0, 1, 2, 1), test_labels=(2, 0), 
 ])
 def test_datasets_the_network_cannot_use_are_refused_in_one_line(tmp_path, preset, dataset, fragments):
     folder = grey_dataset(tmp_path / "data", **dataset)
-    with pytest.raises((model.UsageError, DataError)) as raised:
+    with pytest.raises((errors.UsageError, DataError)) as raised:
         model.main(["--preset", preset, "--data-dir", folder, "--out-dir", str(tmp_path / "out")])
     message = str(raised.value)
     assert "\n" not in message

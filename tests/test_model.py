@@ -1,5 +1,6 @@
 """model.py: the whole network's gradients, training, the seed preset, checkpoints and the command line."""
 
+import errno
 import json
 import os
 import platform
@@ -12,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import data
 import model
+from machinery import checkpoints, devices, errors, exits, files, flags, pictures, shuffle
 from conftest import CLI_ENVIRONMENT, ROOT, run_cli, save_run, start_cli
 from data import load_idx
 from gradcheck import quick_jit, relative_error
@@ -21,39 +24,6 @@ from gradcheck import quick_jit, relative_error
 @pytest.fixture(scope="module")
 def mnist():
     return load_idx(os.path.join(ROOT, "data"))
-
-
-@pytest.mark.parametrize("kind", ["modern", "original", "lenet"])
-def test_network_gradients_match_autodiff(kind):
-    """loss_and_grads of the whole network (float64) against jax.grad of the same forward pass."""
-    network = model.build_network(kind)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64),
-                                    network.init(jax.random.PRNGKey(3)))
-    # Non-zero biases everywhere, so every bias gradient is exercised.
-    params = [{name: value + 0.1 * rng.standard_normal(value.shape) for name, value in layer.items()}
-              for layer in params]
-    # Dim images (pixels in [0, 0.3]) keep the original network's N(0, 1) weights from saturating
-    # the softmax: where clipping is active its gradient departs from the exact one by design (loss.py).
-    x = jnp.asarray(0.3 * rng.random((1, 28, 28, 3)))
-    labels = jnp.asarray([3, 7, 0])
-    if kind == "original":
-        target_probabilities = network.forward(params, x)[0][jnp.arange(3), labels]
-        assert jnp.all((target_probabilities > 1e-3) & (target_probabilities < 1 - 1e-3))
-
-    def loss_only(params):
-        output, _ = network.forward(params, x)
-        return network.loss.forward(output, jax.nn.one_hot(labels, 10, dtype=jnp.float64))[0]
-
-    loss, grads = quick_jit(network.loss_and_grads, params, x, labels)
-    reference_loss, reference = quick_jit(jax.value_and_grad(loss_only), params)
-    assert relative_error(loss, reference_loss) <= 1e-13
-    for index, (ours, theirs) in enumerate(zip(grads, reference)):
-        assert set(ours) == set(theirs)
-        for name in ours:
-            error = relative_error(ours[name], theirs[name])
-            print(f"{kind} layer {index} ({type(network.layers[index]).__name__}) {name}: {error:.1e}")
-            assert error <= 1e-9, (kind, index, name, error)
 
 
 def test_seed_preset_initialises_like_the_original():
@@ -69,7 +39,7 @@ def test_seed_preset_initialises_like_the_original():
 @pytest.mark.parametrize("kind", ["original", "modern", "lenet"])
 def test_compiled_init_draws_the_weights_of_each_layer_drawn_op_by_op(kind):
     """Network.init compiles all draws as one function, at a lower optimisation level than XLA's
-    default and without its newer fusion emitters (model.ONCE_OPTIMISED); the weights must still be
+    default and without its newer fusion emitters (compiling.ONCE_OPTIMISED); the weights must still be
     bit for bit those of every layer's init run op by op. The original's network has both kinds of
     draw, N(0, 1) and He-scaled (at XLA's level 0 both differ), from one key shared by all layers;
     the modern one and LeNet-5 split a key per layer inside the compiled function."""
@@ -111,18 +81,6 @@ def test_warmup_climbs_linearly_to_the_schedule():
         np.testing.assert_array_equal(warmed[warmup * steps - 1:], plain[warmup * steps - 1:], err_msg=schedule)
 
 
-def test_a_run_saved_before_warmup_existed_resumes_without_it(tmp_path):
-    """Checkpoints written before --warmup-epochs have no such flag in their run's config: they are
-    still runs to resume, with no warmup."""
-    save_run(tmp_path / "run.npz")
-    with np.load(tmp_path / "run.npz") as archive:
-        arrays = {name: archive[name] for name in archive.files}
-    config = json.loads(str(arrays["run/config"]))
-    del config["warmup_epochs"]
-    np.savez(tmp_path / "older.npz", **{**arrays, "run/config": np.array(json.dumps(config))})
-    assert model.read_checkpoint("--resume", str(tmp_path / "older.npz"))["run/config"]["warmup_epochs"] == 0
-
-
 def test_shuffled_order_is_jax_random_permutation():
     """shuffled_order sorts on the host what JAX's permutation sorts with XLA; the orders, and the key
     it hands the next epoch, must be those of jax.random.permutation after the same split, or every
@@ -139,7 +97,7 @@ def test_shuffled_order_is_jax_random_permutation():
             {"xla_backend_optimization_level": 0})
         for seed in range(3):
             next_key, expected = reference(jax.random.PRNGKey(seed))
-            got_key, order = model.shuffled_order(jax.random.PRNGKey(seed), train_size, count)
+            got_key, order = shuffle.shuffled_order(jax.random.PRNGKey(seed), train_size, count)
             assert order.dtype == np.int32
             np.testing.assert_array_equal(order, np.asarray(expected)[:count],
                                           err_msg=f"{train_size} images, seed {seed}")
@@ -219,7 +177,7 @@ def test_default_run_begins_as_readme_shows(tmp_path):
 def run_short(mnist, extra=(), seed=0, log=lambda line: None):
     """A short run of the default network in this process. The tests that train in this process use
     its size, so that all but the first find the compiled epoch in the session's cache."""
-    args = model.parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32", "--seed", str(seed),
+    args = flags.parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32", "--seed", str(seed),
                              *extra])
     network = model.build_network("modern")
     params = network.init(model.run_keys(args.seed)[0])
@@ -248,7 +206,7 @@ def test_compiled_epoch_equals_steps_taken_one_by_one(steps):
 
     for step, batch in enumerate(np.asarray(order).reshape(steps, 4)):
         loss, expected_params, expected_velocity = one_step(expected_params, expected_velocity,
-                                                            model.to_input(images[batch]), labels[batch], rates[step])
+                                                            data.to_input(images[batch]), labels[batch], rates[step])
         expected_losses.append(float(loss))
 
     train_epoch = model.make_train_epoch(network, momentum=0.9, weight_decay=5e-4)
@@ -338,7 +296,7 @@ def test_short_training_learns(mnist):
     assert 0 < compile_seconds <= train_seconds
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
     test_images, test_labels = mnist[2:]
-    answers = model.make_predict(model.build_network("modern"))(params, model.pad_to_chunks(test_images))
+    answers = model.make_predict(model.build_network("modern"))(params, devices.pad_to_chunks(test_images))
     np.testing.assert_array_equal(predictions, np.asarray(answers)[:len(test_labels)])
     assert model.accuracy_of(predictions, test_labels) == epochs[-1]["test_accuracy"]
 
@@ -353,14 +311,14 @@ def test_same_flags_give_the_same_numbers(mnist):
 
 
 def test_diverging_learning_rate_is_reported(mnist):
-    with pytest.raises(model.UsageError, match=r"in epoch 1, .*diverge; try a smaller --lr"):
+    with pytest.raises(errors.UsageError, match=r"in epoch 1, .*diverge; try a smaller --lr"):
         run_short(mnist, extra=("--lr", "1e6"))
 
 
 def test_a_weight_decay_that_diverges_on_its_own_is_named(mnist):
     """lr x weight decay = 0.1 x 100 = 10 > 2 (1 + 0.9) = 3.8: the decay alone makes the weights grow
     without bound (THEORY.md §5), and the message says so rather than blaming the learning rate only."""
-    with pytest.raises(model.UsageError, match=r"in epoch 1, .*: lr x weight decay = 0.1 x 100.0 = 10 exceeds "
+    with pytest.raises(errors.UsageError, match=r"in epoch 1, .*: lr x weight decay = 0.1 x 100.0 = 10 exceeds "
                                                r"2 \(1 \+ momentum\) = 3.8, past which the decay alone makes "
                                                r"training diverge; try a smaller --lr or a much smaller "
                                                r"--weight-decay"):
@@ -369,9 +327,9 @@ def test_a_weight_decay_that_diverges_on_its_own_is_named(mnist):
 
 def test_divergence_stops_the_original_network_too(mnist):
     """The original's clipped loss can never exceed -ln(1e-7) = 16.1; the run must stop all the same."""
-    args = model.parse_args(["--preset", "seed", "--lr", "50", "--train-size", "500", "--epochs", "2"])
+    args = flags.parse_args(["--preset", "seed", "--lr", "50", "--train-size", "500", "--epochs", "2"])
     network = model.build_network("original")
-    with pytest.raises(model.UsageError, match=r"loss became 1\d\.\d+ in epoch 1, worse than a blind guess"):
+    with pytest.raises(errors.UsageError, match=r"loss became 1\d\.\d+ in epoch 1, worse than a blind guess"):
         model.train(network, network.init(model.run_keys(0)[0]), args, *mnist, log=lambda line: None)
 
 
@@ -381,7 +339,7 @@ def test_accuracy_near_chance_is_warned_about_once(mnist):
     train_images, train_labels, test_images, test_labels = mnist
     shuffled = np.random.default_rng(0).permutation(train_labels[:3000])
     lines = []
-    args = model.parse_args(["--train-size", "3000", "--epochs", "2", "--batch-size", "32"])
+    args = flags.parse_args(["--train-size", "3000", "--epochs", "2", "--batch-size", "32"])
     network = model.build_network("modern")
     model.train(network, network.init(model.run_keys(0)[0]), args, train_images, shuffled, test_images,
                 test_labels, log=lines.append)
@@ -401,26 +359,28 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     network = model.build_network("modern")
     params = network.init(jax.random.PRNGKey(5))
     path = str(tmp_path / "net.npz")
-    model.save_checkpoint(path, params, network)
-    loaded = model.load_checkpoint(path, network)
+    checkpoints.save_checkpoint(path, params, network)
+    loaded = checkpoints.load_checkpoint(path, network)
     for a, b in zip(params, loaded):
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])
     assert os.listdir(tmp_path) == ["net.npz"]  # no temporary file left behind
 
-    with pytest.raises(model.UsageError, match="'modern' network, .*--preset default"):
-        model.load_checkpoint(path, model.build_network("original"))
-    with pytest.raises(model.UsageError, match="trained on 28x28 images in 10 classes, but this data has 28x28 "
+    with pytest.raises(errors.UsageError, match="'modern' network, .*--preset default"):
+        checkpoints.load_checkpoint(path, model.build_network("original"))
+    with pytest.raises(errors.UsageError, match="trained on 28x28 images in 10 classes, but this data has 28x28 "
                                                "images in 9 classes"):
-        model.load_checkpoint(path, model.build_network("modern", num_classes=9))
+        checkpoints.load_checkpoint(path, model.build_network("modern", num_classes=9))
     (tmp_path / "junk.npz").write_bytes(b"not a zip archive")
-    with pytest.raises(model.UsageError, match="not a checkpoint"):
-        model.load_checkpoint(str(tmp_path / "junk.npz"), network)
-    np.savez(tmp_path / "other.npz", network=np.array("modern"), **{"layer0/weights": np.zeros((2, 2))})
-    with pytest.raises(model.UsageError, match=r"layer0/(weights|biases) should have shape"):
-        model.load_checkpoint(str(tmp_path / "other.npz"), network)
-    with pytest.raises(model.UsageError, match="no such file"):
-        model.load_checkpoint(str(tmp_path / "absent.npz"), network)
+    with pytest.raises(errors.UsageError, match="not a checkpoint"):
+        checkpoints.load_checkpoint(str(tmp_path / "junk.npz"), network)
+    with np.load(path) as archive:
+        other = dict(archive)
+    np.savez(tmp_path / "other.npz", **{**other, "layer0/weights": np.zeros((2, 2))})
+    with pytest.raises(errors.UsageError, match=r"layer0/weights should have shape \(5, 1, 3, 3\), found \(2, 2\)"):
+        checkpoints.load_checkpoint(str(tmp_path / "other.npz"), network)
+    with pytest.raises(errors.UsageError, match="no such file"):
+        checkpoints.load_checkpoint(str(tmp_path / "absent.npz"), network)
 
 
 @pytest.mark.parametrize("change, why", [
@@ -440,8 +400,8 @@ def test_a_damaged_checkpoint_is_refused_naming_the_record(tmp_path, change, why
         arrays = {name: archive[name] for name in archive.files}
     np.savez(tmp_path / "damaged.npz", **{**arrays, **{name: np.asarray(value) for name, value in change.items()}})
     for flag in ("--load", "--resume"):
-        with pytest.raises(model.UsageError, match=f"{flag} .*damaged.npz: not a checkpoint written by --save \\({why}\\)"):
-            model.read_checkpoint(flag, str(tmp_path / "damaged.npz"))
+        with pytest.raises(errors.UsageError, match=f"{flag} .*damaged.npz: not a checkpoint written by --save \\({why}\\)"):
+            checkpoints.read_checkpoint(flag, str(tmp_path / "damaged.npz"))
 
 
 REFUSALS = [
@@ -505,11 +465,11 @@ def test_nonsense_is_refused_in_one_line(tmp_path, capsys, monkeypatch, flags, f
     for name in ("run.npz", "net.npz", "x.png"):
         (tmp_path / name).write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises((model.UsageError, SystemExit)) as raised:
+    with pytest.raises((errors.UsageError, SystemExit)) as raised:
         model.main(["--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "out"), *flags])
-    message = str(raised.value) if raised.type is model.UsageError else capsys.readouterr().err.strip()
+    message = str(raised.value) if raised.type is errors.UsageError else capsys.readouterr().err.strip()
     assert "\n" not in message and fragment in message, message
-    assert raised.type is model.UsageError or raised.value.code == 2
+    assert raised.type is errors.UsageError or raised.value.code == 2
     assert not (tmp_path / "out").exists()
 
 
@@ -534,7 +494,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     # The checkpoint records, beside the run's flags, the devices it trained on (see --resume).
     with np.load(folder / "net.npz") as archive:
         assert json.loads(str(archive["run/config"]))["devices"] == 1
-        assert float(archive["ink_span"]) == model.MNIST_INK_SPAN  # for a later --predict (data.ink_span)
+        assert float(archive["ink_span"]) == data.MNIST_INK_SPAN  # for a later --predict (data.ink_span)
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"config", "epochs", "test_accuracy", "train_seconds", "compile_seconds", "jax_version",
             "device"} <= set(metrics)
@@ -554,7 +514,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     assert f"evaluating {folder / 'net.npz'} (modern network) on 500 test images" in lines[0], lines
     assert lines[1] == f"test accuracy {100 * metrics['test_accuracy']:.2f}% on 500 images", lines
 
-    with pytest.raises(model.UsageError, match="saved from the 'modern' network"):
+    with pytest.raises(errors.UsageError, match="saved from the 'modern' network"):
         model.main(["--preset", "seed", "--load", str(folder / "net.npz"), "--eval-only",
                     "--data-dir", os.path.join(ROOT, "data"), "--out-dir", str(tmp_path / "seed")])
 
@@ -576,7 +536,7 @@ def test_the_loss_curve_keeps_its_labels_on_the_picture(losses):
     writes them by default (3 x 10^-1), the minor ones of a loss within one decade pushed the
     y-axis label off the picture's left edge. And none is typeset by matplotlib's TeX-like parser,
     which takes a quarter of a second to build (PERFORMANCE.md)."""
-    figure = model.loss_figure([{"epoch": epoch + 1, "train_loss": loss, "test_accuracy": 0.9}
+    figure = pictures.loss_figure([{"epoch": epoch + 1, "train_loss": loss, "test_accuracy": 0.9}
                                 for epoch, loss in enumerate(losses)])
     assert drawn_beyond_the_canvas(figure) == 0
     labels = [label.get_text() for label in figure.axes[0].yaxis.get_ticklabels(which="both")]
@@ -592,10 +552,10 @@ def test_the_other_pictures_keep_their_labels_on_them():
     labels = rng.integers(0, 20, 1000)
     predictions = np.where(rng.random(1000) < 0.5, labels, (labels + 1) % 20)
     images = rng.integers(0, 256, (1000, 12, 12, 3)).astype(np.uint8)
-    figures = {"one colour filter": model.filters_figure(rng.normal(size=(1, 3, 5, 5))),
-               "two grey filters": model.filters_figure(rng.normal(size=(2, 1, 3, 3))),
-               "20 classes": model.confusion_figure(labels, predictions, 20),
-               "small colour images": model.misclassified_figure(images, labels, predictions)}
+    figures = {"one colour filter": pictures.filters_figure(rng.normal(size=(1, 3, 5, 5))),
+               "two grey filters": pictures.filters_figure(rng.normal(size=(2, 1, 3, 3))),
+               "20 classes": pictures.confusion_figure(labels, predictions, 20),
+               "small colour images": pictures.misclassified_figure(images, labels, predictions)}
     for name, figure in figures.items():
         assert drawn_beyond_the_canvas(figure) == 0, name
 
@@ -605,7 +565,7 @@ def test_the_misclassified_picture_says_how_many_it_shows():
     for wrong, title in [(0, "no test image misclassified"), (1, "the 1 misclassified test image"),
                          (60, "the first 48 of 60 misclassified test images")]:
         predictions = np.where(np.arange(100) < wrong, (labels + 1) % 10, labels)
-        figure = model.misclassified_figure(np.zeros((100, 28, 28), np.uint8), labels, predictions)
+        figure = pictures.misclassified_figure(np.zeros((100, 28, 28), np.uint8), labels, predictions)
         assert figure.get_suptitle() == title
 
 
@@ -624,10 +584,9 @@ def test_running_out_of_memory_is_one_line(monkeypatch, error, amount):
     def exit_now(status, leave_together=True):
         raise SystemExit(status)
 
-    monkeypatch.setattr(model, "main", run_out)
-    monkeypatch.setattr(model, "exit_now", exit_now)
+    monkeypatch.setattr(exits, "exit_now", exit_now)
     with pytest.raises(SystemExit) as ended:
-        model.run_as_program([])
+        exits.run_as_program(run_out, [])
     assert ended.value.code == (f"model.py: error: out of memory{amount}: the run needs more memory than this "
                                 "machine gives it; a smaller --batch-size needs less; every file written so far is "
                                 "complete")
@@ -648,9 +607,9 @@ def test_a_platform_jax_cannot_start_is_one_line():
 def test_a_folder_where_no_file_can_be_made_is_refused_before_training():
     """/proc takes no new file from anybody, root included, though its permission bits let root
     write: the check tries to make a file, as the run will, rather than read the bits."""
-    with pytest.raises(model.UsageError, match="^--out-dir /proc/out: cannot write in /proc "):
+    with pytest.raises(errors.UsageError, match="^--out-dir /proc/out: cannot write in /proc "):
         model.main(["--out-dir", "/proc/out", "--data-dir", os.path.join(ROOT, "data")])
-    with pytest.raises(model.UsageError, match="^--save /proc/out/run.npz: cannot write in /proc "):
+    with pytest.raises(errors.UsageError, match="^--save /proc/out/run.npz: cannot write in /proc "):
         model.main(["--save", "/proc/out/run.npz", "--data-dir", os.path.join(ROOT, "data")])
 
 
@@ -659,34 +618,95 @@ def test_a_folder_without_write_permission_is_refused_before_training(tmp_path, 
     everywhere, so the permission is denied by hand)."""
     def denied(**_):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(model.tempfile, "TemporaryFile", denied)
-    with pytest.raises(model.UsageError,
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", denied)
+    with pytest.raises(errors.UsageError,
                        match=f"^--out-dir {tmp_path}/out: cannot write in {tmp_path} \\(Permission denied\\);"):
         model.main(["--out-dir", str(tmp_path / "out"), "--data-dir", os.path.join(ROOT, "data")])
 
 
-def test_a_file_that_cannot_be_written_is_one_line_too(tmp_path, small_run, small_mnist):
-    """What the checks before training cannot foresee (here a folder where metrics.json goes; a full
-    disk alike) still ends in one line naming the file, not a traceback."""
-    (tmp_path / "out" / "metrics.json").mkdir(parents=True)
-    result = run_cli("--load", str(small_run[1] / "net.npz"), "--eval-only", "--out-dir", str(tmp_path / "out"),
-                     "--data-dir", small_mnist, cwd=tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"model.py: error: {tmp_path / 'out' / 'metrics.json'}: "), lines
-    assert os.listdir(tmp_path / "out") == ["metrics.json"]  # and no temporary file left behind
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """What the checks before training cannot foresee (a full disk) still ends in one line naming
+    the file the run was writing, not the temporary file it never saw, and no traceback."""
+    def fill_the_disk(tmp):
+        with open(tmp, "w") as f:
+            f.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device")  # as f.write raises it: no file name
+
+    def exit_now(status, leave_together=True):
+        raise SystemExit(status)
+
+    path = str(tmp_path / "out" / "metrics.json")
+    monkeypatch.setattr(exits, "exit_now", exit_now)
+    with pytest.raises(SystemExit) as ended:
+        exits.run_as_program(lambda argv: files.write_atomically(path, fill_the_disk), [])
+    assert ended.value.code == f"model.py: error: {path}: No space left on device"
+    assert os.listdir(tmp_path / "out") == []  # no temporary file left behind
 
 
 def test_shipped_mnist_is_found_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert os.path.samefile(model.parse_args([]).data_dir, os.path.join(ROOT, "data"))
+    assert os.path.samefile(flags.parse_args([]).data_dir, os.path.join(ROOT, "data"))
 
 
 def test_nan_loss_stops_training_and_writes_nothing(tmp_path):
     """main() as the command line runs it; that a UsageError becomes one line there is checked above."""
-    with pytest.raises(model.UsageError, match="loss became nan in epoch 1, .*smaller --lr") as raised:
+    with pytest.raises(errors.UsageError, match="loss became nan in epoch 1, .*smaller --lr") as raised:
         model.main(["--train-size", "3000", "--batch-size", "32", "--epochs", "2", "--lr", "1e38",
                     "--out-dir", str(tmp_path / "out"),
                     "--data-dir", os.path.join(ROOT, "data"), "--save", str(tmp_path / "net.npz")])
     assert "\n" not in str(raised.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_path_that_is_not_a_regular_file_is_refused_before_training(tmp_path):
+    """The atomic write renames a new file over the path: over a device or a named pipe (as root,
+    /dev/full itself) it would replace the node with a regular file and report success. Each such
+    output path is refused before training, in one line."""
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "loss_curve.png")
+    (tmp_path / "taken" / "metrics.json").mkdir(parents=True)
+    for given, message in [
+        (["--save", "/dev/full"], "^--save /dev/full: is a character device, not a regular file; give the name of a "
+                                  "file to write$"),
+        (["--save", str(tmp_path / "pipe")], r": is a named pipe \(FIFO\), not a regular file"),
+        (["--out-dir", "/dev/null"], "^--out-dir /dev/null: is a character device; name a folder"),
+        (["--out-dir", str(tmp_path / "out")], r"loss_curve.png is a named pipe \(FIFO\), where the run writes its "
+                                               "loss_curve.png; remove it, or name another --out-dir$"),
+        (["--out-dir", str(tmp_path / "taken")], "metrics.json is a folder, where the run writes its metrics.json"),
+    ]:
+        with pytest.raises(errors.UsageError, match=message):
+            files.check_output_paths(flags.parse_args(given))
+    result = run_cli("--epochs", "1", "--save", "/dev/full", cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == "", result.stdout
+    assert result.stderr == ("model.py: error: --save /dev/full: is a character device, not a regular file; give the "
+                             "name of a file to write\n")
+    assert os.path.exists("/dev/full") and not os.path.isfile("/dev/full")
+
+
+def test_a_symbolic_link_is_written_through_to_its_file(tmp_path):
+    target = tmp_path / "real.npz"
+    target.write_text("before")
+    (tmp_path / "link.npz").symlink_to(target)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write("after")
+
+    files.write_atomically(str(tmp_path / "link.npz"), write)
+    assert (tmp_path / "link.npz").is_symlink() and target.read_text() == "after"
+    assert sorted(os.listdir(tmp_path)) == ["link.npz", "real.npz"]
+
+
+def test_a_checkpoint_of_another_format_is_refused_in_one_line(tmp_path):
+    network = model.build_network("modern")
+    path = str(tmp_path / "net.npz")
+    checkpoints.save_checkpoint(path, network.init(jax.random.PRNGKey(0)), network)
+    with np.load(path) as archive:
+        stored = dict(archive)
+    np.savez(tmp_path / "future.npz", **{**stored, "format": np.array(2)})
+    np.savez(tmp_path / "older.npz", **{name: value for name, value in stored.items() if name != "format"})
+    for name, written in [("future.npz", "format 2"), ("older.npz", "no format recorded")]:
+        with pytest.raises(errors.UsageError, match=f"^--load {tmp_path / name}: a checkpoint of {written}, but this "
+                                                    "model.py reads format 1 only; save it again with this model.py$"):
+            checkpoints.load_checkpoint(str(tmp_path / name), network)

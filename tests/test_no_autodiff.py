@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 import model
+from machinery import flags
 from conftest import ROOT
 
 DIFFERENTIATION = {"grad", "value_and_grad", "vjp", "jvp", "linearize", "linear_transpose", "jacrev", "jacfwd",
@@ -165,8 +166,8 @@ def forbid_autodiff(monkeypatch):
 
 
 def trace_training_epoch(preset):
-    args = model.parse_args(["--preset", preset])
-    network = model.build_network(model.PRESET_NETWORK[preset])
+    args = flags.parse_args(["--preset", preset])
+    network = model.build_network(flags.PRESET_NETWORK[preset])
     params = network.init(model.run_keys(args.seed)[0])
     velocity = jax.tree_util.tree_map(jnp.zeros_like, params) if args.momentum else None
     images = jnp.zeros((2 * args.batch_size, 28, 28), jnp.uint8)
@@ -177,7 +178,7 @@ def trace_training_epoch(preset):
     return train_epoch.lower(params, velocity, images, labels, order, rates)
 
 
-@pytest.mark.parametrize("preset", sorted(model.PRESETS))
+@pytest.mark.parametrize("preset", sorted(flags.PRESETS))
 def test_training_epoch_traces_without_autodiff(monkeypatch, preset):
     forbid_autodiff(monkeypatch)
     assert trace_training_epoch(preset) is not None

@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-import model
+from machinery import errors, processes
+from machinery.flags import parse_args
 from conftest import CLI_ENVIRONMENT, ROOT, SMALL_CLI_RUN, start_cli
 
 RUN = (*SMALL_CLI_RUN, "--epochs", "2")
@@ -172,9 +173,9 @@ def test_a_missing_process_is_reported_in_one_line_in_bounded_time(tmp_path):
 def test_a_coordinator_no_one_knows_is_named_as_such():
     """A host name that does not resolve: said so, rather than that process 0 was not there."""
     args = argparse.Namespace(coordinator="nosuchhost.invalid:1234", process_id=1, num_processes=2, join_timeout=1)
-    with pytest.raises(model.UsageError, match="no machine called nosuchhost.invalid could be found within "
+    with pytest.raises(errors.UsageError, match="no machine called nosuchhost.invalid could be found within "
                                                "--join-timeout 1 s"):
-        model.rendezvous(args)
+        processes.rendezvous(args)
 
 
 @pytest.mark.parametrize("started_as, refusal", [
@@ -197,12 +198,12 @@ def test_processes_that_cannot_train_together_are_all_refused_in_one_line(starte
     outcome = {}
 
     def join(index, process_id, num_processes, *flags):
-        args = model.parse_args(["--coordinator", f"127.0.0.1:{port}", "--process-id", str(process_id),
+        args = parse_args(["--coordinator", f"127.0.0.1:{port}", "--process-id", str(process_id),
                                  "--num-processes", str(num_processes), "--join-timeout", "20", *flags])
         try:
-            model.rendezvous(args)
+            processes.rendezvous(args)
             outcome[index] = "joined"
-        except model.UsageError as error:
+        except errors.UsageError as error:
             outcome[index] = str(error)
 
     threads = [threading.Thread(target=join, args=(index, *flags)) for index, flags in enumerate(started_as)]

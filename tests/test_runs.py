@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import data
 import model
+from machinery import checkpoints, compiling, drawings, errors, files, stopping
+from machinery.flags import parse_args
 from conftest import CLI_ENVIRONMENT, COMPILATION_CACHE, ROOT, SMALL_CLI_RUN, run_cli, save_run, start_cli
 from data import load_idx
 
@@ -56,7 +59,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, smal
     assert len(stopped) == 1 and "stopped after epoch" in stopped[0], output
     done = json.loads((tmp_path / "stopped" / "metrics.json").read_text())["epochs"]
     assert 1 <= len(done) < 6
-    assert {path.name for path in (tmp_path / "stopped").iterdir()} == set(model.OUTPUT_FILES)
+    assert {path.name for path in (tmp_path / "stopped").iterdir()} == set(files.OUTPUT_FILES)
     assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]  # nothing half-written
 
     resumed = run_cli("--resume", str(tmp_path / "stopped.npz"), "--out-dir", str(tmp_path / "resumed"),
@@ -85,7 +88,7 @@ def test_ctrl_c_before_training_ends_the_run_at_once_in_one_line(tmp_path):
     process.send_signal(signal.SIGINT)
     output, errors = process.communicate(timeout=60)
     assert process.returncode == 130 and output == "", output + errors
-    assert errors == model.STOPPED_BY.format("Ctrl-C") + "\n"
+    assert errors == stopping.STOPPED_BY.format("Ctrl-C") + "\n"
     assert os.listdir(tmp_path) == []
 
 
@@ -154,7 +157,7 @@ def test_sighup_and_sigterm_stop_training_as_ctrl_c_does(tmp_path, small_mnist):
             "interrupted by SIGHUP: training stopped after epoch 1 of 6; writing what it trained "
             "(Ctrl-C again aborts at once)"], lines
         assert len(json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]) == 1
-        assert {path.name for path in (tmp_path / "out").iterdir()} == set(model.OUTPUT_FILES)
+        assert {path.name for path in (tmp_path / "out").iterdir()} == set(files.OUTPUT_FILES)
         assert len(json.loads(str(checkpoint_arrays(tmp_path / "run.npz")["run/epochs"]))) == 1
 
         lines = []
@@ -177,7 +180,7 @@ def test_a_hangup_the_run_was_started_ignoring_stays_ignored():
     jobs a script starts in the background, and a test suite started so still interrupts its runs."""
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGHUP, signal.SIGINT)}
     try:
-        with model.StopOnInterrupt():
+        with stopping.StopOnInterrupt():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
     finally:
@@ -192,11 +195,11 @@ def test_a_hung_up_terminal_is_a_closed_stdout(monkeypatch, capsys):
     near, far = os.openpty()
     os.close(near)
     monkeypatch.setattr(sys, "stdout", os.fdopen(far, "w"))
-    interrupted = model.StopOnInterrupt()
-    model.print_line("epoch   1/6", interrupted)
+    interrupted = stopping.StopOnInterrupt()
+    stopping.print_line("epoch   1/6", interrupted)
     assert interrupted.signal == signal.SIGHUP
     assert capsys.readouterr().err.startswith("model.py: standard output was closed (whatever read it has gone); ")
-    model.print_line("epoch   2/6", interrupted)  # now into /dev/null, quietly
+    stopping.print_line("epoch   2/6", interrupted)  # now into /dev/null, quietly
     assert capsys.readouterr().err == ""
     sys.stdout.close()
 
@@ -245,23 +248,23 @@ def test_a_closed_stdout_stops_training_and_keeps_what_it_trained(tmp_path, smal
         assert process.wait(timeout=120) == 141, (stderr, errors)
         out = tmp_path / str(stderr)
         assert 1 <= len(json.loads((out / "metrics.json").read_text())["epochs"]) < 100
-        assert {path.name for path in out.iterdir()} == set(model.OUTPUT_FILES)
+        assert {path.name for path in out.iterdir()} == set(files.OUTPUT_FILES)
 
 
 def test_resume_refuses_a_flag_that_changes_the_run(tmp_path):
     network, params = save_run(tmp_path / "run.npz", (*SMALL_RUN, "--epochs", "2"))
     # In this process: how the command line prints a UsageError, in one line, is checked in test_model.py.
-    with pytest.raises(model.UsageError) as raised:
+    with pytest.raises(errors.UsageError) as raised:
         model.main(["--resume", str(tmp_path / "run.npz"), "--lr", "0.5"])
     assert str(raised.value) == (f"--resume {tmp_path / 'run.npz'}: --lr 0.5 would change the run, which has "
                                  "0.1; drop --lr, or start a new run")
     # Parameters alone are not a run.
-    model.save_checkpoint(str(tmp_path / "params.npz"), params, network)
-    with pytest.raises(model.UsageError, match="not a run to resume; start from it with --load"):
+    checkpoints.save_checkpoint(str(tmp_path / "params.npz"), params, network)
+    with pytest.raises(errors.UsageError, match="not a run to resume; start from it with --load"):
         model.main(["--resume", str(tmp_path / "params.npz")])
     # Nor is one that has done all its epochs.
     save_run(tmp_path / "done.npz", (*SMALL_RUN, "--epochs", "2"), epochs_done=2)
-    with pytest.raises(model.UsageError, match="has already done the 2 epochs it planned; evaluate it with --load"):
+    with pytest.raises(errors.UsageError, match="has already done the 2 epochs it planned; evaluate it with --load"):
         model.main(["--resume", str(tmp_path / "done.npz"), "--out-dir", str(tmp_path / "out")])
 
 
@@ -273,7 +276,7 @@ def test_resume_refuses_other_data(tmp_path, small_mnist):
     for folder, why in (("/elsewhere/data", "it trained on those in /elsewhere/data"),
                         (os.path.abspath(small_mnist), "those files have changed since")):
         save_run(tmp_path / "run.npz", flags, epochs_done=1, data_sha256="0" * 64, data_dir=folder)
-        with pytest.raises(model.UsageError) as raised:
+        with pytest.raises(errors.UsageError) as raised:
             model.main(["--resume", str(tmp_path / "run.npz"), "--data-dir", small_mnist, "--out-dir", str(tmp_path)])
         assert str(raised.value) == (f"--resume {tmp_path / 'run.npz'}: the run trained on other images or labels than "
                                      f"those in {small_mnist} ({why}); resume it on its own data, with --data-dir")
@@ -283,12 +286,12 @@ def test_a_checkpoint_is_refused_before_the_run_announces_itself(tmp_path, small
     """A refusal is the run's one line: the line announcing the run (device, network, data) used
     to come first, for checkpoints found not to fit only after it."""
     wrong_network = model.build_network("original")
-    model.save_checkpoint(str(tmp_path / "original.npz"), wrong_network.init(model.run_keys(0)[0]), wrong_network)
-    save_run(tmp_path / "done.npz", (*SMALL_RUN, "--epochs", "2"), epochs_done=2)
+    checkpoints.save_checkpoint(str(tmp_path / "original.npz"), wrong_network.init(model.run_keys(0)[0]), wrong_network)
+    save_run(tmp_path / "done.npz", (*SMALL_RUN, "--epochs", "2", "--data-dir", small_mnist), epochs_done=2)
     for flags, why in ((("--load", str(tmp_path / "original.npz"), "--eval-only"), "'original' network"),
                        (("--resume", str(tmp_path / "done.npz")), "has already done the 2 epochs")):
         lines = []
-        with pytest.raises(model.UsageError, match=why):
+        with pytest.raises(errors.UsageError, match=why):
             model.main([*flags, "--data-dir", small_mnist, "--out-dir", str(tmp_path / "out")], log=lines.append)
         assert lines == []
 
@@ -296,7 +299,8 @@ def test_a_checkpoint_is_refused_before_the_run_announces_itself(tmp_path, small
 def test_resume_on_another_number_of_devices_says_the_numbers_will_differ(tmp_path, small_mnist):
     """A run saved while training on 2 devices, resumed here on 1: allowed (a machine may change),
     but the resumed run cannot equal the uninterrupted one bit for bit, and says so in its line."""
-    save_run(tmp_path / "run.npz", (*SMALL_CLI_RUN, "--epochs", "2"), epochs_done=1, devices=2)
+    save_run(tmp_path / "run.npz", (*SMALL_CLI_RUN, "--epochs", "2", "--data-dir", small_mnist), epochs_done=1,
+             devices=2)
     lines = []
 
     class Resumed(Exception):
@@ -319,8 +323,8 @@ def test_resume_on_another_number_of_devices_says_the_numbers_will_differ(tmp_pa
 def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
-        model.write_atomically(str(tmp_path / "metrics.json"), lambda tmp: open(tmp, "w").write("{}"))
-        model.save_checkpoint(str(tmp_path / "net.npz"), [{"weights": np.zeros(2)}], model.build_network("modern"))
+        files.write_atomically(str(tmp_path / "metrics.json"), lambda tmp: open(tmp, "w").write("{}"))
+        checkpoints.save_checkpoint(str(tmp_path / "net.npz"), [{"weights": np.zeros(2)}], model.build_network("modern"))
     finally:
         os.umask(previous)
     for name in ("metrics.json", "net.npz"):
@@ -364,36 +368,36 @@ def test_the_compile_cache_by_default_is_jax_variables_folder_else_the_users_cac
                                                                                    configured):
     folder = str(tmp_path / configured) if configured else None
     config = RecordedConfig(folder)
-    monkeypatch.setattr(model.jax, "config", config)
-    monkeypatch.setattr(model, "COMPILE_CACHE", str(tmp_path / "home-cache" / "jax"))
-    model.use_compile_cache(None)
-    expected = folder or model.COMPILE_CACHE
+    monkeypatch.setattr(compiling.jax, "config", config)
+    monkeypatch.setattr(compiling, "COMPILE_CACHE", str(tmp_path / "home-cache" / "jax"))
+    compiling.use_compile_cache(None)
+    expected = folder or compiling.COMPILE_CACHE
     assert config.updates == {"jax_compilation_cache_dir": expected, "jax_persistent_cache_min_compile_time_secs": 0}
     assert os.stat(expected).st_mode & 0o777 == 0o700  # JAX runs what it finds there
 
 
 def test_no_compile_cache_turns_it_off_and_so_does_an_unusable_default(tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")  # no folder can be made in it
-    monkeypatch.setattr(model, "COMPILE_CACHE", str(tmp_path / "a-file" / "jax"))
+    monkeypatch.setattr(compiling, "COMPILE_CACHE", str(tmp_path / "a-file" / "jax"))
     for flag, configured in [(False, str(tmp_path / "jax-variable")),  # --no-compile-cache
                              (None, str(tmp_path / "a-file" / "jax-variable")),  # JAX's variable unusable
                              (None, None)]:  # the user's cache folder unusable
         config = RecordedConfig(configured)
-        monkeypatch.setattr(model.jax, "config", config)
-        model.use_compile_cache(flag)
+        monkeypatch.setattr(compiling.jax, "config", config)
+        compiling.use_compile_cache(flag)
         assert config.updates == {"jax_enable_compilation_cache": False}, configured
 
 
 def test_eval_only_removes_the_pictures_of_an_earlier_run(tmp_path):
     network = model.build_network("modern")
-    model.save_checkpoint(str(tmp_path / "net.npz"), network.init(model.run_keys(0)[0]), network)
+    checkpoints.save_checkpoint(str(tmp_path / "net.npz"), network.init(model.run_keys(0)[0]), network)
     out = tmp_path / "out"
     out.mkdir()
     (out / "loss_curve.png").write_bytes(b"an earlier run's curve")
     (out / "notes.txt").write_text("not ours: stays")
     assert model.main(["--load", str(tmp_path / "net.npz"), "--eval-only", "--out-dir", str(out),
                        "--data-dir", os.path.join(ROOT, "data")]) == 0
-    assert sorted(os.listdir(out)) == sorted(set(model.OUTPUT_FILES) - {"loss_curve.png"} | {"notes.txt"})
+    assert sorted(os.listdir(out)) == sorted(set(files.OUTPUT_FILES) - {"loss_curve.png"} | {"notes.txt"})
 
 
 def draw(path, ink, style):
@@ -411,7 +415,7 @@ def draw(path, ink, style):
         page[4:32, 78:106] = 1 - ink
         Image.fromarray(np.round(255 * page).astype(np.uint8), "L").save(path)
     elif style == "tiny":  # half MNIST's size, the digit about 10 pixels high, low on a dark page
-        small = model.resampling(28, 14) @ ink @ model.resampling(28, 14).T
+        small = drawings.resampling(28, 14) @ ink @ drawings.resampling(28, 14).T
         page = np.zeros((40, 40), np.float32)
         page[20:34, 3:17] = small
         Image.fromarray(np.round(255 * page).astype(np.uint8), "L").save(path)
@@ -425,12 +429,12 @@ def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):
     each is classified as the digit it is. With --load, --predict reads no data and writes nothing."""
     train_images, train_labels, test_images, test_labels = mnist
     # run_short's size (test_model.py), whose epoch the session has compiled already.
-    args = model.parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32"])
+    args = parse_args(["--train-size", "3000", "--epochs", "3", "--batch-size", "32"])
     network = model.build_network("modern")
     params, _, _, _, _ = model.train(network, network.init(model.run_keys(0)[0]), args, train_images, train_labels,
                                      test_images[:1000], test_labels[:1000], log=lambda line: None)
-    model.save_checkpoint(str(tmp_path / "net.npz"), params, network)
-    probabilities = np.asarray(jax.jit(network.probabilities)(params, model.to_input(test_images[:200])))
+    checkpoints.save_checkpoint(str(tmp_path / "net.npz"), params, network)
+    probabilities = np.asarray(jax.jit(network.probabilities)(params, data.to_input(test_images[:200])))
     confident = [index for index in range(200) if probabilities[index].max() > 0.99
                  and probabilities[index].argmax() == test_labels[index]]
     chosen = [next(index for index in confident if test_labels[index] == digit) for digit in (0, 2, 3, 4, 7, 9)]
@@ -459,7 +463,7 @@ def test_drawing_is_normalised_like_mnist(tmp_path, mnist):
     page = np.zeros((90, 60), np.uint8)
     page[50:78, 2:30] = mnist[2][0]  # a test digit in the bottom-left corner
     Image.fromarray(page, "L").save(tmp_path / "page.png")
-    field, warning = model.load_drawing(str(tmp_path / "page.png"))
+    field, warning = drawings.load_drawing(str(tmp_path / "page.png"))
     assert warning is None and field.shape == (28, 28) and field.dtype == np.uint8
     rows, columns = np.flatnonzero(field.max(axis=1) > 25), np.flatnonzero(field.max(axis=0) > 25)
     assert max(rows[-1] - rows[0], columns[-1] - columns[0]) + 1 in (19, 20, 21)

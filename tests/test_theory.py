@@ -1,4 +1,4 @@
-"""THEORY.md names code and tests; they must exist. Its worked example and parameter counts must be right."""
+"""Guards THEORY.md: the code and tests it names exist, its worked example and parameter counts are right."""
 
 import ast
 import glob
@@ -23,7 +23,8 @@ def definitions():
     """{module name: {top-level function, class and constant names, Class.method and module.function
     names}} of every .py file of the project and its tests."""
     found = {}
-    for path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "tests", "*.py")):
+    for path in glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "machinery", "*.py")) + \
+            glob.glob(os.path.join(ROOT, "tests", "*.py")):
         tree = ast.parse(open(path).read())
         names = set()
         for node in tree.body:

@@ -1,4 +1,6 @@
-"""Every hand-written backward pass against autodiff, finite differences and a naive loop oracle.
+"""Guards the gradients: every hand-written backward pass, in its plain form and in the fast form
+training runs, against autodiff, finite differences and a naive loop oracle, and the two forms
+against each other; the whole networks' gradients against jax.grad.
 
 Would a wrong sign, index or transpose in a layer's backward make one of these fail? Each check below
 compares every gradient array elementwise with an independent reference on random inputs with a
@@ -11,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import Convolutional as convolutional_module
+import fast_layers
+import model
 from Convolutional import Convolutional
 from DenseLayer import Dense, Flatten, ReLU
 from Pooling_layer import MaxPool
+from fast_layers import FastConvolutional, FastMaxPool
 from gradcheck import (layer_errors_vs_finite_differences, layer_errors_vs_vjp, layer_errors_vs_vjp_cases,
                        quick_jit, relative_error)
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
@@ -60,9 +64,8 @@ def conv_configs(count, seed=0):
     return configs
 
 
-def make_conv(c):
-    return Convolutional((c["C"], c["H"], c["W"]), c["K"], c["D"], padding=c["P"], stride=c["S"],
-                         tied_biases=c["tied"])
+def make_conv(c, kind=Convolutional):
+    return kind((c["C"], c["H"], c["W"]), c["K"], c["D"], padding=c["P"], stride=c["S"], tied_biases=c["tied"])
 
 
 def output_rows(c):
@@ -70,8 +73,8 @@ def output_rows(c):
     return layer.output_shape(layer.input_shape)[1]
 
 
-def conv_case(c, rng):
-    layer = make_conv(c)
+def conv_case(c, rng, kind=Convolutional):
+    layer = make_conv(c, kind)
     # Random weights and non-zero biases (so a bias gradient routed to the wrong position would show),
     # drawn by numpy: a JAX draw of each new shape in float64 takes longer to compile than the test.
     params = random_params(layer, rng, jax.random.PRNGKey(0))
@@ -79,7 +82,8 @@ def conv_case(c, rng):
     return layer, params, x, d_y
 
 
-def test_convolution_matches_vjp_over_random_configurations():
+@pytest.mark.parametrize("kind", [Convolutional, FastConvolutional])
+def test_convolution_matches_vjp_over_random_configurations(kind):
     rng = np.random.default_rng(1)
     worst = {}
     configs = conv_configs(10)
@@ -88,15 +92,15 @@ def test_convolution_matches_vjp_over_random_configurations():
     assert {c["N"] == 1 for c in configs} == {True, False} and {c["tied"] for c in configs} == {True, False}
     assert all({c[key] for c in configs} == values for key, values in
                [("C", {1, 2, 3}), ("S", {1, 2, 3}), ("P", {0, 1, 2}), ("N", {1, 2, 3, 4})])
-    # Both ways of taking a batch's sums: XLA's convolution and im2col patches (one input channel, at
-    # most 3x3), and the banded products (Convolutional._band) otherwise.
+    # The fast form's ways of taking a batch's sums: XLA's convolution and im2col patches (one input
+    # channel, at most 3x3), and the banded products (FastConvolutional._band) otherwise.
     assert {c["C"] == 1 and c["K"] <= 3 for c in configs if c["N"] > 1} == {True, False}
-    cases = [conv_case(c, rng) for c in configs]
+    cases = [conv_case(c, rng, kind) for c in configs]
     for c, errors in zip(configs, layer_errors_vs_vjp_cases(cases)):
         for array, error in errors.items():
             worst[array] = max(worst.get(array, 0.0), error)
-            assert error <= VJP_BOUND, f"Convolutional {c}: {array} relative error {error:.2e}"
-    report("Convolutional vs jax.vjp", worst)
+            assert error <= VJP_BOUND, f"{kind.__name__} {c}: {array} relative error {error:.2e}"
+    report(f"{kind.__name__} vs jax.vjp", worst)
 
 
 def test_convolution_in_blocks_of_rows(monkeypatch):
@@ -109,11 +113,11 @@ def test_convolution_in_blocks_of_rows(monkeypatch):
     batches = [c for c in conv_configs(40, seed=5) if c["N"] > 1 and output_rows(c) > 2][:6]
     assert len(batches) >= 5 and any(output_rows(c) % 2 for c in batches)
     assert {c["C"] == 1 and c["K"] <= 3 for c in batches} == {True, False}
-    monkeypatch.setattr(convolutional_module, "BAND_ROWS", 2)
+    monkeypatch.setattr(fast_layers, "BAND_ROWS", 2)
     for c in batches:
-        layer, params, x, d_y = conv_case(c, rng)
+        layer, params, x, d_y = conv_case(c, rng, FastConvolutional)
         _, H_out, W_out = layer.output_shape(layer.input_shape)
-        monkeypatch.setattr(convolutional_module, "DW_BLOCK_COLUMNS", 2 * W_out * c["N"])
+        monkeypatch.setattr(fast_layers, "DW_BLOCK_COLUMNS", 2 * W_out * c["N"])
         assert len(layer._row_blocks(H_out, W_out, c["N"])) == -(-H_out // 2)
         assert [rows for (_, rows), _ in layer._window_blocks(x)] == [2] * (H_out // 2) + [1] * (H_out % 2)
         errors = layer_errors_vs_vjp(layer, params, x, d_y)
@@ -124,7 +128,8 @@ def test_convolution_in_blocks_of_rows(monkeypatch):
         assert relative_error(y, y_naive) <= 1e-12, c
 
 
-def test_convolution_matches_naive_loops():
+@pytest.mark.parametrize("kind", [Convolutional, FastConvolutional])
+def test_convolution_matches_naive_loops(kind):
     rng = np.random.default_rng(2)
     # The loops are slow: keep to configurations with few multiply-adds.
     small = [c for c in conv_configs(40, seed=3) if c["N"] * c["D"] * c["C"] * c["H"] * c["W"] * c["K"] ** 2 < 8000]
@@ -134,7 +139,7 @@ def test_convolution_matches_naive_loops():
     assert {c["C"] == 1 and c["K"] <= 3 for c in small[:6]} == {True, False}
     assert any(c["C"] == 1 and c["K"] > 3 for c in small[:6])
     for c in small[:6]:
-        layer, params, x, d_y = conv_case(c, rng)
+        layer, params, x, d_y = conv_case(c, rng, kind)
         y, d_x, grads = quick_jit(lambda p, x, d_y: (layer.forward(p, x)[0],) + layer.backward(p, layer.forward(p, x)[1], d_y),
                                   params, x, d_y)
         w, b = np.asarray(params["weights"]), np.asarray(params["biases"])
@@ -152,13 +157,14 @@ WINDOW_STRIDE = [(2, 2), (3, 3), (2, 1), (3, 2), (3, 1), (2, 3), (1, 1)]
 
 # The "all" rule differs from "first" only in which offsets count as the maximum: it takes one of each
 # of the backward's three cases (tiling windows, overlapping, with gaps).
+@pytest.mark.parametrize("kind", [MaxPool, FastMaxPool])
 @pytest.mark.parametrize("window, stride, ties", [(*pair, "first") for pair in WINDOW_STRIDE]
                          + [(2, 2, "all"), (3, 2, "all"), (2, 3, "all")])
-def test_max_pool_matches_vjp(window, stride, ties):
+def test_max_pool_matches_vjp(kind, window, stride, ties):
     """Random real inputs have no ties, so both rules must agree with autodiff exactly. Includes
     overlapping windows (stride < window), gaps (stride > window) and sizes that leave a remainder."""
     rng = np.random.default_rng(window * 10 + stride)
-    layer = MaxPool(window, stride, ties)
+    layer = kind(window, stride, ties)
     worst, cases = {}, []
     for C, H, W, N in [(1, 5, 5, 1), (3, 7, 6, 2), (2, 9, 13, 3), (1, 12, 8, 4)]:
         (x,) = random_arrays(rng, (C, H, W, N))
@@ -166,8 +172,8 @@ def test_max_pool_matches_vjp(window, stride, ties):
     for (_, _, x, _), errors in zip(cases, layer_errors_vs_vjp_cases(cases)):
         for array, error in errors.items():
             worst[array] = max(worst.get(array, 0.0), error)
-            assert error <= VJP_BOUND, f"MaxPool({window}, {stride}, {ties}) on {x.shape}: {error:.2e}"
-    report(f"MaxPool({window},{stride},{ties}) vs jax.vjp", worst)
+            assert error <= VJP_BOUND, f"{kind.__name__}({window}, {stride}, {ties}) on {x.shape}: {error:.2e}"
+    report(f"{kind.__name__}({window},{stride},{ties}) vs jax.vjp", worst)
 
 
 @pytest.mark.parametrize("layer, x_shape, y_shape", [
@@ -273,6 +279,7 @@ def pool_forward_and_backward(layer, image, d_y):
     return y[0, :, :, 0], d_x[0, :, :, 0]
 
 
+@pytest.mark.parametrize("kind", [MaxPool, FastMaxPool])
 @pytest.mark.parametrize("ties, expected", [
     # "first": the first maximum in row-major order inside each window takes the whole gradient.
     ("first", [[1, 0, 0, 2],
@@ -285,19 +292,20 @@ def pool_forward_and_backward(layer, image, d_y):
              [3, 0, 4, 0],
              [0, 3, 0, 4]]),
 ])
-def test_max_pool_tie_rules_tiled(ties, expected):
-    y, d_x = pool_forward_and_backward(MaxPool(2, 2, ties), TIED_INPUT, [[1.0, 2.0], [3.0, 4.0]])
+def test_max_pool_tie_rules_tiled(kind, ties, expected):
+    y, d_x = pool_forward_and_backward(kind(2, 2, ties), TIED_INPUT, [[1.0, 2.0], [3.0, 4.0]])
     np.testing.assert_array_equal(y, [[1, 2], [3, 5]])
     np.testing.assert_array_equal(d_x, expected)
 
 
+@pytest.mark.parametrize("kind", [MaxPool, FastMaxPool])
 @pytest.mark.parametrize("ties, expected", [
     # Windows over columns 0-1 and 1-2, both with maximum 1; column 1 is in both.
     ("first", [[1, 10, 0], [0, 0, 0]]),
     ("all", [[1, 11, 10], [0, 0, 0]]),
 ])
-def test_max_pool_tie_rules_overlapping(ties, expected):
-    y, d_x = pool_forward_and_backward(MaxPool(2, 1, ties), [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [[1.0, 10.0]])
+def test_max_pool_tie_rules_overlapping(kind, ties, expected):
+    y, d_x = pool_forward_and_backward(kind(2, 1, ties), [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], [[1.0, 10.0]])
     np.testing.assert_array_equal(y, [[1, 1]])
     np.testing.assert_array_equal(d_x, expected)
 
@@ -345,3 +353,77 @@ def test_every_layer_reports_the_shape_its_forward_returns(layer, input_shape):
 def test_dense_refuses_an_input_of_the_wrong_size():
     with pytest.raises(ValueError, match="takes 845 features"):
         Dense(845, 64).output_shape((846,))
+
+
+def fast_and_plain_cases(count, seed):
+    """Random convolutions of every path the fast form takes (one sample, one channel at most 3x3,
+    the banded products), each with its plain twin, parameters and inputs."""
+    rng = np.random.default_rng(seed)
+    for c in conv_configs(count, seed=seed):
+        fast, params, x, d_y = conv_case(c, rng, FastConvolutional)
+        yield c, fast, make_conv(c), params, x, d_y
+
+
+def test_fast_convolution_equals_the_plain_form():
+    """FastConvolutional (XLA's convolution, im2col in row blocks, banded products, the per-offset
+    products, dx one axis at a time) against Convolutional's three products with the im2col matrix
+    and col2im (THEORY.md §4.4): the same sums, so equal up to float64 rounding."""
+    paths = set()
+    for c, fast, plain, params, x, d_y in fast_and_plain_cases(16, seed=11):
+        paths.add("one sample" if c["N"] == 1 else "im2col" if c["C"] == 1 and c["K"] <= 3 else "banded")
+        ours, theirs = (quick_jit(lambda p, x, d_y: (layer.forward(p, x)[0],) + layer.backward(p, x, d_y), params,
+                                  x, d_y) for layer in (fast, plain))
+        for name, a, b in [("y", ours[0], theirs[0]), ("d_x", ours[1], theirs[1]),
+                           ("d_weights", ours[2]["weights"], theirs[2]["weights"]),
+                           ("d_biases", ours[2]["biases"], theirs[2]["biases"])]:
+            assert relative_error(a, b) <= 1e-12, (c, name)
+    assert paths == {"one sample", "im2col", "banded"}
+
+
+@pytest.mark.parametrize("window, stride", WINDOW_STRIDE)
+@pytest.mark.parametrize("ties", ["first", "all"])
+def test_fast_max_pool_equals_the_plain_form(window, stride, ties):
+    """FastMaxPool (XLA's reduction, the first maximum by a min over slice numbers, interleaving for
+    tiling windows) against MaxPool's stacked slices and argmax, on small integers, so that windows
+    tie often and the tie rules are compared too: equal to the last bit."""
+    rng = np.random.default_rng(window * 10 + stride)
+    for C, H, W, N in [(1, 5, 5, 1), (3, 7, 6, 2), (2, 9, 13, 3)]:
+        x = jnp.asarray(rng.integers(0, 3, (C, H, W, N)), F64)
+        d_y = jnp.asarray(rng.standard_normal(MaxPool(window, stride).output_shape((C, H, W)) + (N,)))
+        fast, plain = (quick_jit(lambda x, d_y: (layer.forward({}, x)[0], layer.backward({}, x, d_y)[0]), x, d_y)
+                       for layer in (FastMaxPool(window, stride, ties), MaxPool(window, stride, ties)))
+        np.testing.assert_array_equal(fast[0], plain[0])
+        np.testing.assert_array_equal(fast[1], plain[1])
+
+
+@pytest.mark.parametrize("kind", ["modern", "original", "lenet"])
+def test_network_gradients_match_autodiff(kind):
+    """loss_and_grads of the whole network (float64) against jax.grad of the same forward pass."""
+    network = model.build_network(kind)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64),
+                                    network.init(jax.random.PRNGKey(3)))
+    # Non-zero biases everywhere, so every bias gradient is exercised.
+    params = [{name: value + 0.1 * rng.standard_normal(value.shape) for name, value in layer.items()}
+              for layer in params]
+    # Dim images (pixels in [0, 0.3]) keep the original network's N(0, 1) weights from saturating
+    # the softmax: where clipping is active its gradient departs from the exact one by design (loss.py).
+    x = jnp.asarray(0.3 * rng.random((1, 28, 28, 3)))
+    labels = jnp.asarray([3, 7, 0])
+    if kind == "original":
+        target_probabilities = network.forward(params, x)[0][jnp.arange(3), labels]
+        assert jnp.all((target_probabilities > 1e-3) & (target_probabilities < 1 - 1e-3))
+
+    def loss_only(params):
+        output, _ = network.forward(params, x)
+        return network.loss.forward(output, jax.nn.one_hot(labels, 10, dtype=jnp.float64))[0]
+
+    loss, grads = quick_jit(network.loss_and_grads, params, x, labels)
+    reference_loss, reference = quick_jit(jax.value_and_grad(loss_only), params)
+    assert relative_error(loss, reference_loss) <= 1e-13
+    for index, (ours, theirs) in enumerate(zip(grads, reference)):
+        assert set(ours) == set(theirs)
+        for name in ours:
+            error = relative_error(ours[name], theirs[name])
+            print(f"{kind} layer {index} ({type(network.layers[index]).__name__}) {name}: {error:.1e}")
+            assert error <= 1e-9, (kind, index, name, error)
