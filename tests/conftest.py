@@ -47,6 +47,14 @@ def idx_bytes(array, magic):
 
 
 @pytest.fixture(scope="session")
+def mnist():
+    """The shipped MNIST: (train_images, train_labels, test_images, test_labels)."""
+    from data import load_idx
+
+    return load_idx(os.path.join(ROOT, "data"))
+
+
+@pytest.fixture(scope="session")
 def small_mnist(tmp_path_factory):
     """The first 2,000 training and 500 test images of the shipped MNIST as a dataset folder of
     their own, for runs in fresh interpreters that need no more: less to read and to evaluate."""

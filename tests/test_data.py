@@ -67,9 +67,13 @@ def test_files_named_with_a_dot_before_idx_are_found(tmp_path):
         np.testing.assert_array_equal(loaded, written[key])
 
 
-def test_checksums_are_verified_when_present(tmp_path):
+def test_checksums_are_verified_when_present(tmp_path, monkeypatch):
+    """Each of the four files is hashed against SHA256SUMS (the mismatch itself: further below)."""
     write_dataset(tmp_path, checksums=True)
+    hashed, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(data.hashlib, "sha256", lambda raw: hashed.append(len(raw)) or sha256(raw))
     assert len(load_idx(str(tmp_path))[0]) == 5
+    assert len(hashed) == 4
 
 
 def expect_error(folder, *fragments):

@@ -1,7 +1,7 @@
 """Any IDX image dataset through --data-dir: a tiny colour dataset written here trains end to end,
 its checkpoint remembers what it was trained for, --predict prepares pictures for it, and every
 dataset the networks cannot use is refused in one line (main() raises it here; the command line
-prints such errors in one line, tests/test_model.py and test_data.py check that)."""
+prints such errors in one line, tests/test_cli.py and test_data.py check that)."""
 
 import gzip
 import json

@@ -1,6 +1,8 @@
-"""The project's rule: no automatic differentiation outside tests/ and benchmarks/.
+"""Guards the project's rules: no automatic differentiation outside tests/ and benchmarks/, and
+imports that point one way (the layers and data.py at the bottom, machinery/ above them, model.py
+on top).
 
-Two guards. A syntax-tree scan of every module outside tests/ and benchmarks/ finds JAX's
+For autodiff, two guards. A syntax-tree scan of every module outside tests/ and benchmarks/ finds JAX's
 differentiation entry points however they are reached: an attribute of any name bound to a jax
 module (`jax.grad`, `import jax as j; j.grad`, `jax.experimental.jet.jet`), a name imported from
 one (`from jax import (grad,)`, `from jax import vjp as v`), `getattr` or `attrgetter` with such a
@@ -180,8 +182,13 @@ def trace_training_epoch(preset):
 
 @pytest.mark.parametrize("preset", sorted(flags.PRESETS))
 def test_training_epoch_traces_without_autodiff(monkeypatch, preset):
+    """Every preset's epoch traces, and lowers to a program that updates the parameters, with every
+    differentiation entry point replaced by one that raises."""
     forbid_autodiff(monkeypatch)
-    assert trace_training_epoch(preset) is not None
+    lowered = trace_training_epoch(preset)
+    params, _, losses = lowered.out_info
+    assert losses.shape == (2,) and len(params) == len(model.build_network(flags.PRESET_NETWORK[preset]).layers)
+    assert "dot_general" in lowered.as_text()  # the layers' products
 
 
 def test_run_time_guard_catches_autodiff(monkeypatch):
@@ -206,3 +213,49 @@ def test_run_time_guard_catches_autodiff(monkeypatch):
 
 
 ALIASED_VJP = jax.vjp  # bound at import, before any monkeypatch: as `from jax import vjp` would be
+
+
+# What each layer of the house may import of the project's own modules.
+LAYER_FILES = {"Convolutional", "Pooling_layer", "DenseLayer", "loss", "windows", "fast_layers", "data"}
+
+
+def project_imports(path):
+    """The project's own modules a file imports: top-level names, and machinery's modules by name."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + ([f"machinery.{alias.name}" for alias in node.names]
+                                     if node.module == "machinery" else [])
+        found |= {name for name in names if name.split(".")[0] in LAYER_FILES | {"model", "machinery"}}
+    return found
+
+
+def import_violations(root):
+    """(file, what it imports that its layer may not) for every module of the project at root."""
+    violations = []
+    for name in sorted(os.listdir(os.path.join(root, "machinery"))):
+        if name.endswith(".py"):
+            imported = project_imports(os.path.join(root, "machinery", name))
+            violations += [(f"machinery/{name}", module) for module in sorted(imported)
+                           if module == "model" or module.split(".")[0] not in LAYER_FILES | {"machinery"}]
+    for layer in sorted(LAYER_FILES):
+        imported = project_imports(os.path.join(root, layer + ".py"))
+        violations += [(f"{layer}.py", module) for module in sorted(imported) if module.split(".")[0] not in LAYER_FILES]
+    return violations
+
+
+def test_imports_point_one_way():
+    assert import_violations(ROOT) == []
+
+
+def test_import_check_notices_an_import_against_the_grain(tmp_path):
+    """The check above must be able to fail: a copy of the project where a layer imports the
+    machinery and the machinery imports model.py."""
+    (tmp_path / "machinery").mkdir()
+    for layer in LAYER_FILES:
+        (tmp_path / f"{layer}.py").write_text("import numpy\n")
+    (tmp_path / "Convolutional.py").write_text("from machinery.files import write_atomically\n")
+    (tmp_path / "machinery" / "pictures.py").write_text("import model\nfrom data import counted\n")
+    assert import_violations(tmp_path) == [("machinery/pictures.py", "model"),
+                                           ("Convolutional.py", "machinery.files")]
