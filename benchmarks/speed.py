@@ -204,7 +204,7 @@ def cpu_model():
 def whole_runs(mnist, quick):
     """model.train as `python model.py` runs it: the whole --preset seed training (compile included)
     and the median of its epochs; the median of 5 epochs of the default preset (60,000 images each).
-    quick: one short epoch of each, of the sizes tests/test_model.py trains (shared compilations)."""
+    quick: one short epoch of each, of the sizes tests/test_training.py trains (shared compilations)."""
     quiet = lambda line: None  # noqa: E731
     seed_args = flags.parse_args(["--preset", "seed"] + (["--epochs", "1", "--train-size", "500"] if quick else []))
     network = model.build_network("original")
@@ -240,7 +240,6 @@ def main(argv=None):
     images, labels = jnp.asarray(mnist[0][:8192]), jnp.asarray(mnist[1][:8192], jnp.int32)
     network = model.build_network("modern")
     params = network.init(jax.random.PRNGKey(0))
-
     lenet = model.build_network("lenet")
     lenet_params = lenet.init(jax.random.PRNGKey(0))
     # (key in results.json, heading, network, its parameters, the peer): each peer's step against ours.
@@ -253,43 +252,54 @@ def main(argv=None):
             agreement[key] = {"loss_relative_difference": loss_error, "params_relative_difference": param_error}
     # --quick: one step of 8 images, the shapes of same_step's, whose compilations the tests share.
     quick_batch = 8
-    lenet_batch = quick_batch if args.quick else 128
-    lenet_row = {"batch_size": lenet_batch}
-    lenet_measured = measure([make_run(make(lenet)) for _, _, make in LENET_SIDES], lenet_params, images, labels,
-                             lenet_batch, repeats, min_seconds, args.quick)
-    for (key, _, _), (compile_seconds, rate, steps) in zip(LENET_SIDES, lenet_measured):
-        lenet_row[key] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps,
-                          "milliseconds_per_step": 1000 * lenet_batch / rate}
-    lenet_row["time_ratio_ours_over_jax_grad_nhwc"] = (lenet_row["jax_grad_nhwc"]["samples_per_second"]
-                                                       / lenet_row["ours"]["samples_per_second"])
-
-    rows = []
-    for batch_size in (quick_batch,) if args.quick else (1, 32, 128):
-        row = {"batch_size": batch_size}
-        measured = measure([make_run(make(network)) for _, _, make in SIDES], params, images, labels, batch_size,
-                           repeats, min_seconds, args.quick)
-        for (key, _, _), (compile_seconds, rate, steps) in zip(SIDES, measured):
-            row[key] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps}
-        for key, _, _ in PEERS:
-            row["time_ratio_ours_over_" + key] = row[key]["samples_per_second"] / row["ours"]["samples_per_second"]
-        rows.append(row)
-
+    timing = (images, labels, repeats, min_seconds, args.quick)
     results = {
         "quick": args.quick,
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "jax_version": jax.__version__,
                     "device": devices.describe_device()},
         "same_step": agreement,
-        "training_step": rows,
-        "lenet_training_step": lenet_row,
+        "training_step": [step_row(network, params, batch_size, *timing)
+                          for batch_size in ((quick_batch,) if args.quick else (1, 32, 128))],
+        "lenet_training_step": lenet_step_row(lenet, lenet_params, quick_batch if args.quick else 128, *timing),
         "whole_runs": whole_runs(mnist, args.quick),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+    print_results(results, comparisons)
+    print(f"wrote {args.out}")
 
-    machine = results["machine"]
+
+def step_row(network, params, batch_size, images, labels, repeats, min_seconds, quick):
+    """The default network's step at one batch size: each side's samples per second and compile
+    seconds, and ours' time over each peer's."""
+    row = {"batch_size": batch_size}
+    measured = measure([make_run(make(network)) for _, _, make in SIDES], params, images, labels, batch_size,
+                       repeats, min_seconds, quick)
+    for (key, _, _), (compile_seconds, rate, steps) in zip(SIDES, measured):
+        row[key] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps}
+    for key, _, _ in PEERS:
+        row["time_ratio_ours_over_" + key] = row[key]["samples_per_second"] / row["ours"]["samples_per_second"]
+    return row
+
+
+def lenet_step_row(lenet, lenet_params, batch_size, images, labels, repeats, min_seconds, quick):
+    """LeNet-5's step, ours against the NHWC jax.grad peer."""
+    row = {"batch_size": batch_size}
+    measured = measure([make_run(make(lenet)) for _, _, make in LENET_SIDES], lenet_params, images, labels,
+                       batch_size, repeats, min_seconds, quick)
+    for (key, _, _), (compile_seconds, rate, steps) in zip(LENET_SIDES, measured):
+        row[key] = {"samples_per_second": rate, "compile_seconds": compile_seconds, "steps_per_repeat": steps,
+                    "milliseconds_per_step": 1000 * batch_size / rate}
+    row["time_ratio_ours_over_jax_grad_nhwc"] = (row["jax_grad_nhwc"]["samples_per_second"]
+                                                 / row["ours"]["samples_per_second"])
+    return row
+
+
+def print_results(results, comparisons):
+    machine, agreement = results["machine"], results["same_step"]
     print(f"{machine['cpu']}, {machine['cores']} cores, JAX {machine['jax_version']} on {machine['device']}"
-          + ("  [--quick: not a measurement]" if args.quick else ""))
+          + ("  [--quick: not a measurement]" if results["quick"] else ""))
     for key, heading, _, _, _ in comparisons:
         if key in agreement:
             print(f"one step, ours vs {heading}: loss differs by {agreement[key]['loss_relative_difference']:.1e}, "
@@ -297,12 +307,13 @@ def main(argv=None):
     print("samples per second (compile seconds), and the time ours takes over each peer's")
     print(f"{'batch':>5} | " + " | ".join(f"{heading:>21}" for _, heading, _ in SIDES) + " | "
           + " | ".join(f"ours/{heading[10:]:>11}" for _, heading, _ in PEERS))
-    for row in rows:
+    for row in results["training_step"]:
         print(f"{row['batch_size']:>5} | "
               + " | ".join(f"{row[key]['samples_per_second']:>11,.0f} ({row[key]['compile_seconds']:.2f} s)"
                            for key, _, _ in SIDES) + " | "
               + " | ".join(f"{row['time_ratio_ours_over_' + key]:>16.2f}" for key, _, _ in PEERS))
-    print(f"LeNet-5 at batch {lenet_batch}: "
+    lenet_row = results["lenet_training_step"]
+    print(f"LeNet-5 at batch {lenet_row['batch_size']}: "
           + ", ".join(f"{heading} {lenet_row[key]['milliseconds_per_step']:.1f} ms per step" for key, heading, _ in LENET_SIDES)
           + f"; ours/NHWC {lenet_row['time_ratio_ours_over_jax_grad_nhwc']:.2f}")
     runs = results["whole_runs"]
@@ -310,7 +321,6 @@ def main(argv=None):
           f"(median {runs['seed_preset_epoch_seconds']:.3f} s per {runs['seed_preset_epoch_images']:,}-image epoch)")
     print(f"default: median {runs['default_epoch_seconds']:.3f} s per {runs['default_epoch_images']:,}-image "
           f"epoch at batch {runs['default_batch_size']} (compile {runs['default_compile_seconds']:.2f} s)")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
