@@ -56,7 +56,6 @@ SCAN_UNROLL = 2
 # ----------------------------------------------------------------------------------------------
 # 1. The network: layers chained forward, gradients chained backward.
 
-
 class Network:
     """A stack of layers ending in a loss, each layer with init / forward / backward.
 
@@ -69,8 +68,7 @@ class Network:
     def __init__(self, layers, loss, kind=None, input_shape=None, num_classes=None, shared_init_key=False):
         self.layers, self.loss = layers, loss
         self.kind, self.input_shape, self.num_classes = kind, input_shape, num_classes
-        # The original drew every layer's weights from one and the same key; a fresh network
-        # gives each layer a key of its own.
+        # The original drew every layer's weights from one key; a fresh network gives each its own.
         self.shared_init_key = shared_init_key
 
     def draw(self, key):
@@ -173,7 +171,6 @@ def build_network(kind, input_shape=MNIST_INPUT_SHAPE, num_classes=MNIST_CLASSES
 
 # ----------------------------------------------------------------------------------------------
 # 2. SGD, one compiled epoch, compiled evaluation.
-
 
 def sgd_update(params, velocity, grads, lr, momentum, weight_decay=0.0):
     """params <- params - lr * v with v <- momentum * v + grads (THEORY.md §5).
@@ -396,40 +393,39 @@ def main(argv=None, log=None):
     interrupted = StopOnInterrupt()
     log = log or functools.partial(print_line, interrupted=interrupted, then=report.after_stdout_closes(args))
     set_up(args)
-    stored = checkpoints.resume_flags(args) if args.resume else None
+    stored = (checkpoints.resume_flags(args) if args.resume else
+              checkpoints.read_checkpoint("--load", args.load) if args.load else None)
     if jax.process_index() != 0:  # with several processes, process 0 alone prints and writes files
         log = lambda line: None  # noqa: E731
-    if args.load:
-        stored = checkpoints.read_checkpoint("--load", args.load)
     if args.load and args.predict:
         predict_only(args, stored, log)
         return interrupted.exit_status()  # 141 where stdout closed before every answer was printed
-    data = load_idx(args.data_dir)  # (train_images, train_labels, test_images, test_labels)
-    network = network_for_data(flags.PRESET_NETWORK[args.preset], args.data_dir, *data[:2])
-    span = ink_span(data[0])  # for --predict, and recorded in the checkpoint for a later one
+    train_images, train_labels, test_images, test_labels = data = load_idx(args.data_dir)
+    network = network_for_data(flags.PRESET_NETWORK[args.preset], args.data_dir, train_images, train_labels)
+    span = ink_span(train_images)  # for --predict, and recorded in the checkpoint for a later one
     # Read now: an unreadable image is refused before any training, not after it.
     drawings = [(path,) + load_drawing(path, network.input_shape, span) for path in args.predict or ()]
-    flags.fit_to_data(args, len(data[0]))
+    flags.fit_to_data(args, len(train_images))
     mesh = make_mesh(args)
     # Which data a resumed run must go on with, whatever folder holds it.
     digest = fingerprint(*data) if (args.save or args.resume) and not args.eval_only else None
     params, resume, resuming = starting_point(args, network, stored, digest, mesh)
     # Announced once every refusal (a checkpoint that does not fit, a finished run) has had its say.
-    log(report.opening_line(args, network, mesh, len(data[2])))
+    log(report.opening_line(args, network, mesh, len(test_images)))
     if resuming:
         log(resuming)
     save = checkpoints.writer(args, network, report.run_config(args, mesh, digest), span)
     if jax.process_index() == 0:
-        # The pictures' library, imported while XLA compiles the epoch (which releases Python's
-        # interpreter lock), rather than after training, when it is needed.
+        # The pictures' library, imported while XLA compiles the epoch (releasing Python's lock).
         pictures.import_in_background("matplotlib.figure", "matplotlib.backends.backend_agg")
     with interrupted:
         epochs, seconds, predictions, stopped = [], (0.0, 0.0), None, False
         if not args.eval_only:
-            split = len(data[0]) - args.val_size
-            evaluated = ("val", data[0][split:], data[1][split:]) if args.val_size else ("test", *data[2:])
+            split = len(train_images) - args.val_size  # the last --val-size images are held out
+            evaluated = (("val", train_images[split:], train_labels[split:]) if args.val_size else
+                         ("test", test_images, test_labels))
             params, epochs, *seconds, predictions = train(
-                network, params, args, data[0][:split], data[1], *evaluated[1:], log, evaluated[0], resume,
+                network, params, args, train_images[:split], train_labels, *evaluated[1:], log, evaluated[0], resume,
                 save, stop=interrupted, mesh=mesh)
             stopped = interrupted() or len(epochs) < args.epochs  # by a signal here, or in another process
             if stopped:
@@ -440,7 +436,8 @@ def main(argv=None, log=None):
                     return interrupted.exit_status(130)
             # The last epoch evaluated the final parameters: of the test images, that is final.
             predictions = predictions if evaluated[0] == "test" else None
-        finish(args, network, params, mesh, data[2:], predictions, epochs, seconds, drawings, span, log)
+        finish(args, network, params, mesh, (test_images, test_labels), predictions, epochs, seconds, drawings, span,
+               log)
         return interrupted.exit_status(130 if stopped else 0)
 
 

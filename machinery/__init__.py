@@ -8,8 +8,10 @@
     devices.py     starting JAX's devices, the mesh of --devices, arrays copied to every device
     processes.py   several processes joined through JAX's distributed runtime (--coordinator)
     shuffle.py     each epoch's order of the training images
+    divergence.py  training that diverges stops in one line; training that learns nothing is warned of
     stopping.py    Ctrl-C, SIGTERM, SIGHUP and a closed stdout: stopping after the epoch
     exits.py       the program's exit: one line for every error a user can act on
+    report.py      the run's opening line, its recorded configuration, metrics.json's numbers
     pictures.py    metrics.json and the pictures a run writes
     drawings.py    --predict: a picture file prepared as the training images were, and classified
 """

@@ -18,7 +18,7 @@ def shuffled_order(shuffle_key, train_size, count):
     The permutation is jax.random.permutation's, computed its way: the numbers sorted by fresh random
     32-bit keys, in as many rounds as make it unlikely that two numbers tie in every round. JAX draws
     the keys; numpy does the stable sorts, which XLA's CPU sort does far more slowly (PERFORMANCE.md).
-    The orders are jax.random.permutation's, number for number (tests/test_model.py checks), so every
+    The orders are jax.random.permutation's, number for number (tests/test_training.py checks), so every
     run trains as it did when that drew them.
     """
     rounds = math.ceil(3 * math.log(max(1, train_size)) / math.log(np.iinfo(np.uint32).max))
