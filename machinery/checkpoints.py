@@ -188,11 +188,9 @@ def resume_run(args, stored, network, data_digest, devices):
     `devices` devices and the data whose fingerprint is data_digest. Refuses (UsageError, one line)
     a run of other data, or one that has done all its epochs."""
     path = args.resume
-    check_checkpoint(stored, network, "--resume", path)
-    template = parameter_shapes(network)
-    params = layers_from(stored, "", template, "--resume", path)
+    params = load_checkpoint(path, network, "--resume", stored)
     has_velocity = any(key.startswith("velocity/") for key in stored)
-    velocity = layers_from(stored, "velocity/", template, "--resume", path) if has_velocity else None
+    velocity = layers_from(stored, "velocity/", parameter_shapes(network), "--resume", path) if has_velocity else None
     config, epochs = stored["run/config"], stored["run/epochs"]
     if config["data_sha256"] != data_digest:
         before = config["data_dir"]

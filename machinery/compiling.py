@@ -14,8 +14,6 @@ from machinery.files import require_writable_folder
 # for which XLA's full optimisation (level 2) and its newer fusion emitters only make compiling
 # slower, a second or more on every first run; the results are the same bit for bit.
 ONCE_OPTIMISED = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False}
-
-
 # Where a run keeps what XLA compiled for it (JAX's persistent compilation cache), unless
 # JAX_COMPILATION_CACHE_DIR or --compile-cache says otherwise: a later run of the same shapes loads
 # each function from there instead of compiling it again (PERFORMANCE.md, "Time outside training").

@@ -12,8 +12,6 @@ from machinery.errors import UsageError
 
 # The name of the one mesh axis data-parallel training splits every batch along.
 BATCH_AXIS = "batch"
-
-
 # Test images per compiled evaluation step: it bounds memory, not accuracy (each image's answer is
 # the same in any chunk). In a run, 10,000 images are evaluated in chunks of 200 in about half the
 # time they take in chunks of 1,000 (PERFORMANCE.md).

@@ -9,8 +9,6 @@ import sys
 
 # The line a run stopped at once ends with, naming what stopped it ("Ctrl-C", "SIGTERM").
 STOPPED_BY = "model.py: stopped by {}; every file written so far is complete"
-
-
 # The signals that stop training after its epoch (StopOnInterrupt), as the user knows them. Windows
 # has no SIGHUP (HANGUP is None there), nor SIGPIPE.
 HANGUP = getattr(signal, "SIGHUP", None)
