@@ -100,7 +100,7 @@ def small_run(tmp_path_factory, small_mnist):
     """`python model.py` on small_mnist for 2 epochs of SMALL_CLI_RUN, as a user runs it, saving
     net.npz and classifying seven.png: test digit 0 (a 7) drawn dark on light at 3 times its size.
     Returns (the completed process, its folder; out/ holds what the run wrote). One run for two
-    modules: test_model.py checks what it wrote, test_parallel.py compares runs on several devices
+    modules: test_pictures.py checks what it wrote, test_parallel.py compares runs on several devices
     with it."""
     from PIL import Image
     from data import load_idx
