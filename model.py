@@ -20,7 +20,6 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, stop_at_once)
 
 import functools
-import math
 import time
 
 import jax
@@ -44,6 +43,7 @@ from machinery.errors import UsageError
 from machinery.exits import run_as_program
 from machinery.files import check_output_paths
 from machinery.processes import join_processes, stop_together
+from machinery.schedule import learning_rates
 from machinery.shuffle import shuffled_order
 from machinery.stopping import StopOnInterrupt, print_line, stopped_line
 
@@ -91,19 +91,25 @@ class Network:
         return x, caches
 
     def backward(self, params, caches, d_output):
-        """d_output (N, K), the loss's gradient -> grads, one dict per layer (THEORY.md §4.6)."""
+        """d_output (N, K), the loss's gradient -> (d_x, the gradient of the input x (C, H, W, N),
+        grads, one dict per layer) (THEORY.md §4.6)."""
         grads = [None] * len(self.layers)
         d_x = d_output
         for index in reversed(range(len(self.layers))):
             d_x, grads[index] = self.layers[index].backward(params[index], caches[index], d_x)
-        return grads
+        return d_x, grads
 
-    def loss_and_grads(self, params, x, labels):
-        """x (C, H, W, N) float, labels (N,) int -> (mean loss over the batch, grads)."""
+    def loss_and_gradients(self, params, x, labels):
+        """x (C, H, W, N) float, labels (N,) int -> (mean loss over the batch, d_x, grads)."""
         output, caches = self.forward(params, x)
         targets = (labels[:, None] == jnp.arange(output.shape[-1])).astype(output.dtype)
         loss, loss_cache = self.loss.forward(output, targets)
-        return loss, self.backward(params, caches, self.loss.backward(loss_cache))
+        return (loss, *self.backward(params, caches, self.loss.backward(loss_cache)))
+
+    def loss_and_grads(self, params, x, labels):
+        """-> (mean loss, grads): what training needs; under jit, d_x is never computed."""
+        loss, _, grads = self.loss_and_gradients(params, x, labels)
+        return loss, grads
 
     def probabilities(self, params, x):
         """x (C, H, W, N) -> class probabilities (N, K)."""
@@ -261,34 +267,6 @@ def make_predict(network, mesh=None):
         return lax.map(lambda chunk: classify(params, chunk), chunks).reshape(-1)
 
     return jax.jit(predict)
-
-
-def learning_rates(schedule, lr, epoch, epochs, steps, warmup_epochs=0):
-    """The learning rate of every step of one epoch (0-based epoch number).
-
-    "constant": lr throughout. "cosine": lr * (1 + cos(pi * t)) / 2 with t the fraction of all
-    training steps done, falling smoothly from lr to near 0 at the last step. With warmup_epochs
-    W > 0, step s (counted from 0 over the whole run) takes min(1, (s + 1) / (W * steps)) times that:
-    the rate climbs linearly over the first W epochs, so that a high lr does not kill a ReLU layer
-    before the network has learned anything (THEORY.md §5).
-    """
-    if schedule == "constant":
-        rates = np.full((steps,), lr, np.float32)
-    else:
-        rates = cosine_rates(lr * 0.5, epoch * steps, epochs * steps, steps)
-    if warmup_epochs == 0:
-        return rates
-    ramp = np.minimum(1.0, (epoch * steps + np.arange(1, steps + 1)) / (warmup_epochs * steps))
-    return np.asarray(rates) * ramp.astype(np.float32)
-
-
-# One compilation for every epoch. The numbers are arguments, not constants compiled into the
-# program: as constants, XLA may multiply by the divisor's reciprocal and change some rates in their
-# last bit (tests/test_training.py checks them against the formula taken operation by operation).
-@functools.partial(jax.jit, static_argnames="steps", compiler_options=ONCE_OPTIMISED)
-def cosine_rates(half_lr, first_step, total_steps, steps):
-    done = (first_step + jnp.arange(steps)) / total_steps
-    return (half_lr * (1 + jnp.cos(math.pi * done))).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, compiler_options=ONCE_OPTIMISED)  # one compilation, not one per operation

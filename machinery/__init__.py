@@ -7,6 +7,7 @@
     compiling.py   XLA's options for small functions, and the persistent compile cache
     devices.py     starting JAX's devices, the mesh of --devices, arrays copied to every device
     processes.py   several processes joined through JAX's distributed runtime (--coordinator)
+    schedule.py    the learning rate of every step
     shuffle.py     each epoch's order of the training images
     divergence.py  training that diverges stops in one line; training that learns nothing is warned of
     stopping.py    Ctrl-C, SIGTERM, SIGHUP and a closed stdout: stopping after the epoch

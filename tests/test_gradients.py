@@ -427,3 +427,27 @@ def test_network_gradients_match_autodiff(kind):
             error = relative_error(ours[name], theirs[name])
             print(f"{kind} layer {index} ({type(network.layers[index]).__name__}) {name}: {error:.1e}")
             assert error <= 1e-9, (kind, index, name, error)
+
+
+@pytest.mark.parametrize("kind", ["modern", "original", "lenet"])
+def test_input_gradient_matches_autodiff(kind):
+    """The first layer's d_x, which training never reads, from the network's own backward pass:
+    the gradient of the mean loss with respect to every input pixel, against jax.grad in float64."""
+    network = model.build_network(kind)
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), network.init(jax.random.PRNGKey(4)))
+    params = [{name: value + 0.1 * rng.standard_normal(value.shape) for name, value in layer.items()}
+              for layer in params]
+    x = jnp.asarray(0.3 * rng.random((1, 28, 28, 4)))  # dim, as above: no clipped softmax
+    labels = jnp.asarray([1, 4, 9, 0])
+
+    def loss_of_input(x):
+        output, _ = network.forward(params, x)
+        return network.loss.forward(output, jax.nn.one_hot(labels, 10, dtype=jnp.float64))[0]
+
+    loss, d_x, _ = quick_jit(network.loss_and_gradients, params, x, labels)
+    reference_loss, reference = quick_jit(jax.value_and_grad(loss_of_input), x)
+    assert d_x.shape == x.shape and relative_error(loss, reference_loss) <= 1e-13
+    error = relative_error(d_x, reference)
+    report(f"{kind} network, d_input vs jax.grad", {"d_x": error})
+    assert error <= 1e-9, error

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import pytest
 
 import model
-from machinery import flags
+from machinery import flags, schedule
 from conftest import ROOT
 
 DIFFERENTIATION = {"grad", "value_and_grad", "vjp", "jvp", "linearize", "linear_transpose", "jacrev", "jacfwd",
@@ -175,7 +175,7 @@ def trace_training_epoch(preset):
     images = jnp.zeros((2 * args.batch_size, 28, 28), jnp.uint8)
     labels = jnp.zeros((2 * args.batch_size,), jnp.int32)
     order = jnp.arange(2 * args.batch_size, dtype=jnp.int32)
-    rates = model.learning_rates(args.schedule, args.lr, 0, args.epochs, 2)
+    rates = schedule.learning_rates(args.schedule, args.lr, 0, args.epochs, 2)
     train_epoch = model.make_train_epoch(network, args.momentum, args.weight_decay)
     return train_epoch.lower(params, velocity, images, labels, order, rates)
 

@@ -13,7 +13,7 @@ import pytest
 
 import data
 import model
-from machinery import devices, errors, shuffle
+from machinery import devices, errors, schedule, shuffle
 from machinery.flags import parse_args
 from conftest import ROOT, run_cli, start_cli
 from data import load_idx
@@ -115,7 +115,7 @@ def test_compiled_cosine_schedule_equals_the_formula_op_by_op():
             for epoch in range(epochs):
                 done = (epoch * steps + jnp.arange(steps)) / (epochs * steps)
                 expected = (lr * 0.5 * (1 + jnp.cos(np.pi * done))).astype(jnp.float32)
-                np.testing.assert_array_equal(model.learning_rates("cosine", lr, epoch, epochs, steps), expected,
+                np.testing.assert_array_equal(schedule.learning_rates("cosine", lr, epoch, epochs, steps), expected,
                                               err_msg=f"lr {lr}, epoch {epoch} of {epochs}, {steps} steps")
 
 
@@ -124,14 +124,14 @@ def test_warmup_climbs_linearly_to_the_schedule():
     the schedule's rate: the first step 1 / (W * steps) of it, full rate from the last warming step
     on, bit for bit the schedule's alone."""
     epochs, steps, warmup = 3, 5, 2
-    for schedule in ("constant", "cosine"):
-        plain = np.concatenate([model.learning_rates(schedule, 0.1, epoch, epochs, steps) for epoch in range(epochs)])
-        warmed = np.concatenate([model.learning_rates(schedule, 0.1, epoch, epochs, steps, warmup)
+    for kind in ("constant", "cosine"):
+        plain = np.concatenate([schedule.learning_rates(kind, 0.1, epoch, epochs, steps) for epoch in range(epochs)])
+        warmed = np.concatenate([schedule.learning_rates(kind, 0.1, epoch, epochs, steps, warmup)
                                  for epoch in range(epochs)])
         assert warmed.dtype == np.float32
         ramp = np.minimum(1, np.arange(1, epochs * steps + 1) / (warmup * steps))
-        np.testing.assert_allclose(warmed, plain * ramp, rtol=1e-6, err_msg=schedule)
-        np.testing.assert_array_equal(warmed[warmup * steps - 1:], plain[warmup * steps - 1:], err_msg=schedule)
+        np.testing.assert_allclose(warmed, plain * ramp, rtol=1e-6, err_msg=kind)
+        np.testing.assert_array_equal(warmed[warmup * steps - 1:], plain[warmup * steps - 1:], err_msg=kind)
 
 
 def test_shuffled_order_is_jax_random_permutation():
