@@ -33,7 +33,7 @@ from data import (MNIST_CLASSES, MNIST_INPUT_SHAPE, dataset_file, fingerprint, i
                   load_idx, number_of_classes, to_input)
 from fast_layers import FastConvolutional, FastMaxPool
 from loss import CategoricalCrossEntropy, Softmax, SoftmaxCrossEntropy
-from machinery import checkpoints, flags, pictures, report
+from machinery import adversarial, backprop_pictures, checkpoints, flags, pictures, report
 from machinery.compiling import ONCE_OPTIMISED, use_compile_cache
 from machinery.divergence import check_not_diverged, near_chance_warning
 from machinery.devices import (BATCH_AXIS, device_count, eval_chunk, local, make_mesh, pad_to_chunks, replicated,
@@ -463,8 +463,13 @@ def finish(args, network, params, mesh, test_data, predictions, epochs, seconds,
     if jax.process_index() != 0:
         return
     metrics = report.metrics(args, epochs, test_accuracy, seconds, mesh)
+    attack = adversarial.fgsm(network, params, test_images, test_labels, args.fgsm) if args.fgsm else None
+    if attack:
+        metrics["fgsm"] = attack[0]
+        for row in attack[0]:
+            log(f"fgsm eps {row['epsilon']}: test accuracy {100 * row['test_accuracy']:.2f}%")
     pictures.write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions,
-                           network.num_classes)
+                           network.num_classes, backprop_pictures.figures(network, params, *test_data, attack))
     log(f"wrote metrics.json and pictures to {args.out_dir}/")
     if args.save and args.eval_only:  # a training run saved its checkpoint after every epoch
         checkpoints.save_checkpoint(args.save, params, network, span=span)

@@ -49,6 +49,22 @@ def preset_values(name):
 
 
 
+def epsilons(text):
+    """--fgsm's EPS[,EPS...] as a tuple of floats, each from 0 to 1; argparse reports a bad one."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number; give sizes from 0 to 1, such as "
+                                             "0.05,0.1,0.25") from None
+        if not 0 <= value <= 1:
+            raise argparse.ArgumentTypeError(f"{part} is outside 0 to 1: pixels lie in [0, 1], so a step of more "
+                                             "than 1 changes nothing more, and a negative one helps the network")
+        values.append(value)
+    return tuple(values)
+
+
 def build_parser():
     """The table of flags: what each means, and each run flag's value in every preset."""
     parser = OneLineParser(
@@ -107,6 +123,9 @@ def build_parser():
                             f"{COMPILE_CACHE.replace(os.path.expanduser('~'), '~', 1)})")
     cache.add_argument("--no-compile-cache", dest="compile_cache", action="store_const", const=False,
                        help="compile every function afresh, and keep none")
+    parser.add_argument("--fgsm", type=epsilons, metavar="EPS[,EPS...]",
+                        help="after training, or with --load and --eval-only: attack the test images with the fast "
+                             "gradient sign method at each EPS (pixels lie in [0, 1]) and report the accuracy")
     parser.add_argument("--predict", metavar="IMAGE", nargs="+",
                         help="classify pictures (any size; for digits, dark or light background, transparency "
                              "allowed); with --load, only that: no data is read and nothing is written")
@@ -199,6 +218,9 @@ def check_modes(args):
         raise UsageError("--resume continues a run; it cannot be combined with --load or --eval-only")
     if args.eval_only and args.predict:
         raise UsageError("--eval-only and --predict: with --load, --predict alone classifies the images")
+    if args.fgsm and args.load and args.predict:
+        raise UsageError("--fgsm attacks the test images, which --load with --predict does not read; "
+                         "use --load with --eval-only --fgsm")
     # A run that trains nothing takes its network from --preset; the flags that shape training could
     # only be copied from a training command by mistake, and would silently change nothing.
     untrained = [flag_of(name) for name in args.explicit if name != "preset"]

@@ -139,10 +139,11 @@ def misclassified_figure(test_images, test_labels, predictions):
     return figure
 
 
-def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions, classes):
+def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictions, classes, more_figures=()):
     """metrics.json, loss_curve.png (if anything was trained), learned_filters.png, the classes x classes
-    confusion_matrix.png and misclassified.png in out_dir; removes any other of OUTPUT_FILES left
-    there by an earlier run, since it would describe another run."""
+    confusion_matrix.png, misclassified.png and more_figures ({file name: figure}) in out_dir;
+    removes any other of OUTPUT_FILES left there by an earlier run, since it would describe another
+    run."""
     os.makedirs(out_dir, exist_ok=True)
 
     def write_json(tmp):
@@ -154,6 +155,7 @@ def write_outputs(out_dir, metrics, kernels, test_images, test_labels, predictio
     figures["learned_filters.png"] = filters_figure(np.asarray(kernels))
     figures["confusion_matrix.png"] = confusion_figure(test_labels, predictions, classes)
     figures["misclassified.png"] = misclassified_figure(test_images, test_labels, predictions)
+    figures.update(more_figures)
     for name, figure in figures.items():
         write_atomically(os.path.join(out_dir, name), functools.partial(figure.savefig, format="png", dpi=110))
     for name in OUTPUT_FILES:

@@ -39,6 +39,11 @@ for name, value in COMPILATION_CACHE.items():
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from machinery.files import OUTPUT_FILES  # noqa: E402
+
+# What a run writes in --out-dir without --fgsm: every output but the attack's picture.
+RUN_OUTPUTS = set(OUTPUT_FILES) - {"adversarial.png"}
+
 
 def idx_bytes(array, magic):
     """The bytes of an IDX file holding array (as unsigned bytes) under the header's magic number."""

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import model
-from machinery import checkpoints, errors, files
-from conftest import SMALL_CLI_RUN, run_cli, save_run, start_cli
+from machinery import checkpoints, errors
+from conftest import RUN_OUTPUTS, SMALL_CLI_RUN, run_cli, save_run, start_cli
 
 
 SMALL_RUN = (*SMALL_CLI_RUN, "--epochs", "6")
@@ -111,7 +111,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, smal
     assert len(stopped) == 1 and "stopped after epoch" in stopped[0], output
     done = json.loads((tmp_path / "stopped" / "metrics.json").read_text())["epochs"]
     assert 1 <= len(done) < 6
-    assert {path.name for path in (tmp_path / "stopped").iterdir()} == set(files.OUTPUT_FILES)
+    assert {path.name for path in (tmp_path / "stopped").iterdir()} == RUN_OUTPUTS
     assert not [name for name in os.listdir(tmp_path) if name.startswith("tmp")]  # nothing half-written
 
     resumed = run_cli("--resume", str(tmp_path / "stopped.npz"), "--out-dir", str(tmp_path / "resumed"),

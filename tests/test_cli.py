@@ -17,7 +17,8 @@ from PIL import Image
 import model
 from machinery import checkpoints, compiling, errors, exits, files, stopping
 from machinery.flags import parse_args
-from conftest import CLI_ENVIRONMENT, COMPILATION_CACHE, ROOT, SMALL_CLI_RUN, run_cli, save_run, start_cli
+from conftest import (CLI_ENVIRONMENT, COMPILATION_CACHE, ROOT, RUN_OUTPUTS, SMALL_CLI_RUN, run_cli, save_run,
+                      start_cli)
 
 
 REFUSALS = [
@@ -35,6 +36,10 @@ REFUSALS = [
     (["--train-size", "100", "--batch-size", "200"], "--batch-size 200 exceeds --train-size 100"),
     (["--batch-size", "70000"], "--batch-size 70000 exceeds the 60000 training images; give a smaller"),
     (["--val-size", "59990"], "--batch-size 128 exceeds the 10 training images left after --val-size 59990"),
+    (["--fgsm", "-0.1"], "argument --fgsm: -0.1 is outside 0 to 1"),
+    (["--fgsm", "0.1,1.5"], "argument --fgsm: 1.5 is outside 0 to 1"),
+    (["--fgsm", "0.1,big"], "argument --fgsm: 'big' is not a number"),
+    (["--load", "net.npz", "--predict", "x.png", "--fgsm", "0.1"], "--fgsm attacks the test images"),
     (["--predict", "missing.png"], "missing.png"),
     (["--load", "missing.npz"], "missing.npz"),
     (["--resume", "missing.npz"], "missing.npz"),
@@ -315,7 +320,7 @@ def test_sighup_and_sigterm_stop_training_as_ctrl_c_does(tmp_path, small_mnist):
             "interrupted by SIGHUP: training stopped after epoch 1 of 6; writing what it trained "
             "(Ctrl-C again aborts at once)"], lines
         assert len(json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs"]) == 1
-        assert {path.name for path in (tmp_path / "out").iterdir()} == set(files.OUTPUT_FILES)
+        assert {path.name for path in (tmp_path / "out").iterdir()} == RUN_OUTPUTS
         assert len(json.loads(str(checkpoint_arrays(tmp_path / "run.npz")["run/epochs"]))) == 1
 
         lines = []
@@ -406,7 +411,7 @@ def test_a_closed_stdout_stops_training_and_keeps_what_it_trained(tmp_path, smal
         assert process.wait(timeout=120) == 141, (stderr, errors)
         out = tmp_path / str(stderr)
         assert 1 <= len(json.loads((out / "metrics.json").read_text())["epochs"]) < 100
-        assert {path.name for path in out.iterdir()} == set(files.OUTPUT_FILES)
+        assert {path.name for path in out.iterdir()} == RUN_OUTPUTS
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

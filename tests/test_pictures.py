@@ -10,9 +10,9 @@ from PIL import Image
 
 import data
 import model
-from machinery import checkpoints, drawings, errors, files, pictures
+from machinery import checkpoints, drawings, errors, pictures
 from machinery.flags import parse_args
-from conftest import ROOT, run_cli
+from conftest import ROOT, RUN_OUTPUTS, run_cli
 
 
 def drawn_beyond_the_canvas(figure):
@@ -67,6 +67,13 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     assert 0.5 < metrics["test_accuracy"] <= 1
     for picture in ["loss_curve.png", "learned_filters.png", "confusion_matrix.png", "misclassified.png"]:
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+    # At 110 dots per inch: three digits 3.9 inches wide each, four rows (input, convolution, ReLU,
+    # pooling) of one line of channels, 0.3 + 3.9/8 inches each, under a 0.6-inch title; one digit
+    # per class, 1.3 inches each, and 0.3 inches of margin, by 3.3 inches.
+    assert abs(Image.open(out / "feature_maps.png").size[0] - 3 * 3.9 * 110) <= 1
+    assert abs(Image.open(out / "feature_maps.png").size[1] - (4 * (0.3 + 3.9 / 8) + 0.6) * 110) <= 1
+    assert Image.open(out / "input_gradients.png").size == (round((10 * 1.3 + 0.3) * 110), round(3.3 * 110))
+    assert not (out / "adversarial.png").exists()  # no --fgsm
 
     # The checkpoint evaluates to the same accuracy (here in this process: float32 all the same).
     lines = []
@@ -77,6 +84,15 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     # It says what it does: no training flags, no training time.
     assert f"evaluating {folder / 'net.npz'} (modern network) on 500 test images" in lines[0], lines
     assert lines[1] == f"test accuracy {100 * metrics['test_accuracy']:.2f}% on 500 images", lines
+    # --fgsm on the saved network: no step leaves the accuracy as it was; its picture, 8 digits.
+    lines = []
+    assert model.main(["--load", str(folder / "net.npz"), "--eval-only", "--fgsm", "0,0.2", "--out-dir",
+                       str(tmp_path / "attack"), "--data-dir", small_mnist], log=lines.append) == 0
+    attacked = json.loads((tmp_path / "attack" / "metrics.json").read_text())["fgsm"]
+    assert [row["epsilon"] for row in attacked] == [0.0, 0.2]
+    assert attacked[0]["test_accuracy"] == metrics["test_accuracy"] > attacked[1]["test_accuracy"]
+    assert lines[2] == f"fgsm eps 0.0: test accuracy {100 * metrics['test_accuracy']:.2f}%", lines
+    assert Image.open(tmp_path / "attack" / "adversarial.png").size == (round(9.6 * 110), round(6.2 * 110))
 
     with pytest.raises(errors.UsageError, match="saved from the 'modern' network"):
         model.main(["--preset", "seed", "--load", str(folder / "net.npz"), "--eval-only",
@@ -134,7 +150,7 @@ def test_eval_only_removes_the_pictures_of_an_earlier_run(tmp_path):
     (out / "notes.txt").write_text("not ours: stays")
     assert model.main(["--load", str(tmp_path / "net.npz"), "--eval-only", "--out-dir", str(out),
                        "--data-dir", os.path.join(ROOT, "data")]) == 0
-    assert sorted(os.listdir(out)) == sorted(set(files.OUTPUT_FILES) - {"loss_curve.png"} | {"notes.txt"})
+    assert sorted(os.listdir(out)) == sorted(RUN_OUTPUTS - {"loss_curve.png"} | {"notes.txt"})
 
 
 def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):
