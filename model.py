@@ -219,7 +219,8 @@ def make_train_epoch(network, momentum, weight_decay=0.0, mesh=None):
 
     (params, velocity, images (M, H, W) or (M, H, W, C) uint8, labels (M,), order (steps * B,) int32, the images
      of this epoch in the order they are used, learning_rates (steps,))
-    -> (params, velocity, losses (steps,), each the batch's mean loss before that batch's update).
+    -> (params, velocity, losses (steps,), each the batch's mean loss before that batch's update,
+        the epoch's mean gradient_flow (layers with weights, 2)).
     params and velocity are donated: XLA may update them in place. With a mesh, every batch is
     split across its devices (batch_loss_and_grads); all inputs and outputs are replicated.
     """
@@ -237,14 +238,24 @@ def make_train_epoch(network, momentum, weight_decay=0.0, mesh=None):
             params, velocity = carry
             images, labels, lr = batch
             loss, grads = loss_and_grads(params, images, labels)
-            params, velocity = sgd_update(params, velocity, grads, lr, momentum, weight_decay)
-            return (params, velocity), loss
+            new_params, velocity = sgd_update(params, velocity, grads, lr, momentum, weight_decay)
+            return (new_params, velocity), (loss, gradient_flow(params, new_params, grads))
 
-        (params, velocity), losses = lax.scan(step, (params, velocity),
-                                              (batch_images, batch_labels, learning_rates), unroll=SCAN_UNROLL)
-        return params, velocity, losses
+        (params, velocity), (losses, flows) = lax.scan(step, (params, velocity),
+                                                       (batch_images, batch_labels, learning_rates), unroll=SCAN_UNROLL)
+        return params, velocity, losses, flows.mean(axis=0)
 
     return jax.jit(train_epoch, donate_argnums=(0, 1))
+
+
+def gradient_flow(params, new_params, grads):
+    """For every layer with weights, (|dW|, |W' - W| / |W|): how much gradient reached its weights,
+    and how far the step moved them relative to their size (lr |v| / |W| with momentum)."""
+    def norm(array):
+        return jnp.sqrt(jnp.sum(array * array))
+
+    return jnp.array([(norm(g["weights"]), norm(new["weights"] - old["weights"]) / norm(old["weights"]))
+                      for old, new, g in zip(params, new_params, grads) if "weights" in g])
 
 
 @functools.lru_cache(maxsize=None)  # one compiled evaluation per network and mesh, shared by train and main
@@ -320,7 +331,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
             shuffle_key, order = shuffled_order(shuffle_key, args.train_size, steps * args.batch_size)
             order = replicated(order, mesh)
         rates, start = rates_of(epoch), time.perf_counter()
-        params, velocity, losses = train_epoch(params, velocity, images, labels, order, rates)
+        params, velocity, losses, flow = train_epoch(params, velocity, images, labels, order, rates)
         # Each step's loss is that batch's mean over batch_size images, so their mean is the epoch's
         # mean per-image loss. Taken by numpy in float64: a JAX mean would be one more compilation.
         train_loss = float(np.asarray(local(losses)).mean(dtype=np.float64))
@@ -330,7 +341,7 @@ def train(network, params, args, train_images, train_labels, eval_images, eval_l
         predictions = np.asarray(local(predict(params, eval_padded)))[:len(eval_labels)]
         accuracy = accuracy_of(predictions, eval_labels)
         epochs.append({"epoch": epoch + 1, "train_loss": train_loss, f"{eval_name}_accuracy": accuracy,
-                       "seconds": seconds})
+                       "seconds": seconds, "gradient_flow": report.gradient_flow(network, params, local(flow))})
         log(f"epoch {epoch + 1:3d}/{args.epochs}  train loss {train_loss:.4f}  "
             f"{eval_name} accuracy {100 * accuracy:6.2f}%  {seconds:7.3f} s")
         if after_epoch is not None:
@@ -469,7 +480,7 @@ def finish(args, network, params, mesh, test_data, predictions, epochs, seconds,
         for row in attack[0]:
             log(f"fgsm eps {row['epsilon']}: test accuracy {100 * row['test_accuracy']:.2f}%")
     pictures.write_outputs(args.out_dir, metrics, params[0]["weights"], test_images, test_labels, predictions,
-                           network.num_classes, backprop_pictures.figures(network, params, *test_data, attack))
+                           network.num_classes, backprop_pictures.figures(network, params, *test_data, epochs, attack))
     log(f"wrote metrics.json and pictures to {args.out_dir}/")
     if args.save and args.eval_only:  # a training run saved its checkpoint after every epoch
         checkpoints.save_checkpoint(args.save, params, network, span=span)

@@ -1,13 +1,15 @@
 """The pictures of backpropagation at work, each computed by the network's own forward and backward
-passes: what every convolution, ReLU and pooling does to a digit (feature_maps.png), the gradient
-of the loss with respect to the input pixels (input_gradients.png), and the fast gradient sign
-attack that gradient makes possible (adversarial.png)."""
+passes: how much gradient reached each layer's weights in every epoch (gradient_flow.png), what
+every convolution, ReLU and pooling does to a digit (feature_maps.png), the gradient of the loss
+with respect to the input pixels (input_gradients.png), and the fast gradient sign attack that
+gradient makes possible (adversarial.png)."""
 
 import jax
 import numpy as np
 
 from data import to_input
 from machinery.compiling import ONCE_OPTIMISED
+from machinery.pictures import label_plainly
 
 # How many test images (the first of as many classes) feature_maps.png follows through the network.
 FOLLOWED = 3
@@ -37,7 +39,8 @@ def look_inside(network, params, images, labels):
     arrays, d_x, probabilities = jax.jit(inside, compiler_options=ONCE_OPTIMISED)(params, images,
                                                                                  labels.astype(np.int32))
     names = ["input"] + [type(layer).__name__.removeprefix("Fast") for layer in network.layers][:len(arrays) - 1]
-    return list(zip(names, (np.asarray(array) for array in arrays))), np.asarray(d_x), np.asarray(probabilities).argmax(-1)
+    maps = list(zip(names, (np.asarray(array) for array in arrays)))
+    return maps, np.asarray(d_x), np.asarray(probabilities).argmax(-1)
 
 
 def mosaic(tiles, columns, gap=2):
@@ -137,12 +140,39 @@ def adversarial_figure(rows, examples):
     return figure
 
 
-def figures(network, params, test_images, test_labels, attack=None):
-    """{file name: figure} of this module's pictures; attack: fgsm's (rows, examples), or None."""
+def gradient_flow_figure(epochs):
+    """Per epoch, for every layer with weights, the mean norm of its weight gradient and the mean
+    size of its update relative to its weights, on log axes, from metrics.json's epochs."""
+    from matplotlib.figure import Figure
+
+    numbers = [epoch["epoch"] for epoch in epochs]
+    figure = Figure(figsize=(10, 4.2))
+    gradient_axis, update_axis = figure.subplots(1, 2)
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.84, wspace=0.25)
+    for index, layer in enumerate(epochs[0]["gradient_flow"]):
+        for axis, key in ((gradient_axis, "gradient_norm"), (update_axis, "relative_update")):
+            axis.semilogy(numbers, [epoch["gradient_flow"][index][key] for epoch in epochs], "o-", label=layer["layer"])
+    gradient_axis.set(xlabel="epoch", ylabel="|dW|, mean over the epoch's steps", title="weight gradient's norm")
+    update_axis.set(xlabel="epoch", ylabel="|W' - W| / |W|, mean over the steps",
+                    title="update relative to the weights")
+    for axis in (gradient_axis, update_axis):
+        label_plainly(axis)
+        axis.grid(alpha=0.3, which="both")
+        axis.set_xticks(numbers if len(numbers) <= 20 else numbers[::len(numbers) // 10])
+    gradient_axis.legend(fontsize=8)
+    figure.suptitle("the gradient flowing back into each layer with weights (its name and weights' shape)", fontsize=10)
+    return figure
+
+
+def figures(network, params, test_images, test_labels, epochs=(), attack=None):
+    """{file name: figure} of this module's pictures; epochs: metrics.json's, for gradient_flow.png
+    (none for a run that trained nothing); attack: fgsm's (rows, examples), or None."""
     chosen = first_of_each_class(test_labels, network.num_classes)
     maps, d_x, predicted = look_inside(network, params, test_images[chosen], test_labels[chosen])
     shown = {"feature_maps.png": feature_maps_figure(maps, test_labels[chosen]),
              "input_gradients.png": input_gradients_figure(test_images[chosen], d_x, test_labels[chosen], predicted)}
+    if epochs:
+        shown["gradient_flow.png"] = gradient_flow_figure(epochs)
     if attack is not None:
         shown["adversarial.png"] = adversarial_figure(*attack)
     return shown

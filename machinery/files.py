@@ -9,7 +9,7 @@ from machinery.errors import UsageError
 
 # What a run writes in --out-dir (pictures.write_outputs).
 OUTPUT_FILES = ("metrics.json", "loss_curve.png", "learned_filters.png", "confusion_matrix.png",
-                "misclassified.png", "feature_maps.png", "input_gradients.png", "adversarial.png")
+                "misclassified.png", "gradient_flow.png", "feature_maps.png", "input_gradients.png", "adversarial.png")
 
 
 def write_atomically(path, write):

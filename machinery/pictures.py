@@ -56,15 +56,6 @@ def loss_figure(epochs):
     """The mean training loss (log scale) and the evaluation accuracy per epoch, side by side, from
     metrics.json's epochs (at least one)."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import LogFormatter
-
-    class PlainLogFormatter(LogFormatter):
-        """matplotlib's own choice of which ticks of a log axis to label (the minor ones, 0.2, 0.3 ...,
-        too where the axis spans less than a decade), each written as 0.3, not as 3 x 10^-1, which
-        would build matplotlib's TeX-like parser (PERFORMANCE.md)."""
-
-        def _num_to_string(self, value, vmin, vmax):
-            return f"{value:g}"
 
     numbers = [e["epoch"] for e in epochs]
     which = "val" if "val_accuracy" in epochs[0] else "test"
@@ -73,8 +64,7 @@ def loss_figure(epochs):
     # Room on the left for tick labels as wide as 0.000125 (a loss within one decade gets such labels).
     figure.subplots_adjust(left=0.1, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
     loss_axis.semilogy(numbers, [e["train_loss"] for e in epochs], "o-")
-    loss_axis.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
-    loss_axis.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+    label_plainly(loss_axis)
     loss_axis.set(xlabel="epoch", ylabel="mean training loss (log scale)", title="training loss")
     accuracy_axis.plot(numbers, [100 * e[f"{which}_accuracy"] for e in epochs], "o-", color="C1")
     accuracy_axis.set(xlabel="epoch", ylabel=f"{which} accuracy (%)", title=f"{which} accuracy")
@@ -82,6 +72,20 @@ def loss_figure(epochs):
         axis.grid(alpha=0.3)
         axis.set_xticks(numbers if len(numbers) <= 20 else numbers[::len(numbers) // 10])
     return figure
+
+
+def label_plainly(axis):
+    """Labels a log-scaled y axis where matplotlib would choose to (the minor ticks, 0.2, 0.3 ...,
+    too where the axis spans less than a decade), each written as 0.3, not as 3 x 10^-1, which would
+    build matplotlib's TeX-like parser (PERFORMANCE.md)."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def _num_to_string(self, value, vmin, vmax):
+            return f"{value:g}"
+
+    axis.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
 
 
 def confusion_figure(test_labels, predictions, classes):

@@ -4,6 +4,7 @@ keeps, and the numbers metrics.json holds."""
 import os
 
 import jax
+import numpy as np
 
 from data import counted, describe_data
 from machinery.devices import describe_device, device_count
@@ -61,3 +62,13 @@ def metrics(args, epochs, test_accuracy, seconds, mesh):
         "devices": device_count(mesh),
         "processes": args.num_processes,
     }
+
+
+def gradient_flow(network, params, flow):
+    """metrics.json's record of an epoch's gradient flow (model.gradient_flow, its mean over the
+    epoch's steps): for every layer with weights, its name and weights' shape, the gradient's norm
+    and the update's size relative to the weights."""
+    names = [f"{index}: {type(layer).__name__.removeprefix('Fast')} {'x'.join(map(str, layer_params['weights'].shape))}"
+             for index, (layer, layer_params) in enumerate(zip(network.layers, params)) if "weights" in layer_params]
+    return [{"layer": name, "gradient_norm": float(gradient), "relative_update": float(update)}
+            for name, (gradient, update) in zip(names, np.asarray(flow))]

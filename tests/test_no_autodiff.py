@@ -186,7 +186,7 @@ def test_training_epoch_traces_without_autodiff(monkeypatch, preset):
     differentiation entry point replaced by one that raises."""
     forbid_autodiff(monkeypatch)
     lowered = trace_training_epoch(preset)
-    params, _, losses = lowered.out_info
+    params, _, losses, _ = lowered.out_info
     assert losses.shape == (2,) and len(params) == len(model.build_network(flags.PRESET_NETWORK[preset]).layers)
     assert "dot_general" in lowered.as_text()  # the layers' products
 

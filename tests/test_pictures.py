@@ -63,7 +63,12 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     assert {"config", "epochs", "test_accuracy", "train_seconds", "compile_seconds", "jax_version",
             "device"} <= set(metrics)
     assert metrics["config"]["train_size"] == 1600 and metrics["config"]["batch_size"] == 64
-    assert [sorted(e) for e in metrics["epochs"]] == [["epoch", "seconds", "test_accuracy", "train_loss"]] * 2
+    assert [sorted(e) for e in metrics["epochs"]] == [["epoch", "gradient_flow", "seconds", "test_accuracy",
+                                                        "train_loss"]] * 2
+    assert [layer["layer"] for layer in metrics["epochs"][0]["gradient_flow"]] == [
+        "0: Convolutional 5x1x3x3", "4: Dense 845x64", "6: Dense 64x10"]
+    assert all(layer["gradient_norm"] > 0 and 0 < layer["relative_update"] < 1
+               for epoch in metrics["epochs"] for layer in epoch["gradient_flow"])
     assert 0.5 < metrics["test_accuracy"] <= 1
     for picture in ["loss_curve.png", "learned_filters.png", "confusion_matrix.png", "misclassified.png"]:
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
@@ -74,6 +79,7 @@ def test_cli_run_writes_metrics_pictures_checkpoint_and_predicts(tmp_path, small
     assert abs(Image.open(out / "feature_maps.png").size[1] - (4 * (0.3 + 3.9 / 8) + 0.6) * 110) <= 1
     assert Image.open(out / "input_gradients.png").size == (round((10 * 1.3 + 0.3) * 110), round(3.3 * 110))
     assert not (out / "adversarial.png").exists()  # no --fgsm
+    assert Image.open(out / "gradient_flow.png").size == (round(10 * 110), round(4.2 * 110))
 
     # The checkpoint evaluates to the same accuracy (here in this process: float32 all the same).
     lines = []
@@ -147,10 +153,11 @@ def test_eval_only_removes_the_pictures_of_an_earlier_run(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "loss_curve.png").write_bytes(b"an earlier run's curve")
+    (out / "gradient_flow.png").write_bytes(b"an earlier run's gradient flow")
     (out / "notes.txt").write_text("not ours: stays")
     assert model.main(["--load", str(tmp_path / "net.npz"), "--eval-only", "--out-dir", str(out),
                        "--data-dir", os.path.join(ROOT, "data")]) == 0
-    assert sorted(os.listdir(out)) == sorted(RUN_OUTPUTS - {"loss_curve.png"} | {"notes.txt"})
+    assert sorted(os.listdir(out)) == sorted(RUN_OUTPUTS - {"loss_curve.png", "gradient_flow.png"} | {"notes.txt"})
 
 
 def test_predict_classifies_drawings_without_reading_the_data(tmp_path, mnist):

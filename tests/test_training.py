@@ -200,7 +200,8 @@ def test_default_run_begins_as_readme_shows(tmp_path):
 @pytest.mark.parametrize("steps", [1, 3])  # odd step counts exercise the scan's unroll remainder
 def test_compiled_epoch_equals_steps_taken_one_by_one(steps):
     """make_train_epoch (gather, lax.scan, unrolling, donation) against the same SGD steps written as
-    a plain Python loop over network.loss_and_grads and sgd_update, with momentum and weight decay."""
+    a plain Python loop over network.loss_and_grads and sgd_update, with momentum and weight decay;
+    its gradient flow against the norms of the gradients and updates those separate steps give."""
     network = model.build_network("modern")
     params = network.init(jax.random.PRNGKey(3))
     velocity = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -210,21 +211,31 @@ def test_compiled_epoch_equals_steps_taken_one_by_one(steps):
     order = jnp.asarray(rng.permutation(20)[:4 * steps], jnp.int32)
     rates = jnp.linspace(0.05, 0.02, steps, dtype=jnp.float32)
 
-    expected_params, expected_velocity, expected_losses = params, velocity, []
+    expected_params, expected_velocity, expected_losses, expected_flows = params, velocity, [], []
 
     @jax.jit  # each step compiled on its own (one compilation, not one per operation), run from Python
     def one_step(params, velocity, x, labels, lr):
         loss, grads = network.loss_and_grads(params, x, labels)
-        return (loss,) + model.sgd_update(params, velocity, grads, lr, 0.9, 5e-4)
+        return (loss, grads) + model.sgd_update(params, velocity, grads, lr, 0.9, 5e-4)
+
+    def norm(array):
+        return np.linalg.norm(np.asarray(array, np.float64).ravel())
 
     for step, batch in enumerate(np.asarray(order).reshape(steps, 4)):
-        loss, expected_params, expected_velocity = one_step(expected_params, expected_velocity,
-                                                            data.to_input(images[batch]), labels[batch], rates[step])
+        loss, grads, new_params, expected_velocity = one_step(expected_params, expected_velocity,
+                                                              data.to_input(images[batch]), labels[batch], rates[step])
+        expected_flows.append([(norm(g["weights"]), norm(new["weights"] - old["weights"]) / norm(old["weights"]))
+                               for old, new, g in zip(expected_params, new_params, grads) if "weights" in g])
+        expected_params = new_params
         expected_losses.append(float(loss))
 
     train_epoch = model.make_train_epoch(network, momentum=0.9, weight_decay=5e-4)
-    got_params, got_velocity, got_losses = train_epoch(params, velocity, images, labels, order, rates)
+    got_params, got_velocity, got_losses, got_flow = train_epoch(params, velocity, images, labels, order, rates)
     np.testing.assert_allclose(np.asarray(got_losses), expected_losses, rtol=1e-5)
+    expected_flow = np.mean(expected_flows, axis=0)  # (3 layers with weights, 2), the steps' mean
+    assert np.asarray(got_flow).shape == expected_flow.shape == (3, 2)
+    np.testing.assert_allclose(np.asarray(got_flow)[:, 0], expected_flow[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_flow)[:, 1], expected_flow[:, 1], rtol=1e-3)
     for got, expected in zip(jax.tree_util.tree_leaves((got_params, got_velocity)),
                              jax.tree_util.tree_leaves((expected_params, expected_velocity))):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
