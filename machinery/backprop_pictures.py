@@ -157,7 +157,7 @@ def gradient_flow_figure(epochs):
                     title="update relative to the weights")
     for axis in (gradient_axis, update_axis):
         label_plainly(axis)
-        axis.grid(alpha=0.3, which="both")
+        axis.grid(alpha=0.3)
         axis.set_xticks(numbers if len(numbers) <= 20 else numbers[::len(numbers) // 10])
     gradient_axis.legend(fontsize=8)
     figure.suptitle("the gradient flowing back into each layer with weights (its name and weights' shape)", fontsize=10)
