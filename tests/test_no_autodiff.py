@@ -17,10 +17,11 @@ import subprocess
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import model
-from machinery import flags, schedule
+from machinery import adversarial, backprop_pictures, flags, schedule
 from conftest import ROOT
 
 DIFFERENTIATION = {"grad", "value_and_grad", "vjp", "jvp", "linearize", "linear_transpose", "jacrev", "jacfwd",
@@ -140,7 +141,7 @@ def test_scan_passes_plain_code(source):
 def test_no_automatic_differentiation_outside_tests_and_benchmarks():
     files = project_python_files()
     assert {"model.py", "Convolutional.py", "Pooling_layer.py", "DenseLayer.py", "loss.py", "data.py",
-            "windows.py"} <= set(files)
+            "windows.py", "fast_layers.py", "machinery/adversarial.py", "machinery/backprop_pictures.py"} <= set(files)
     found = {}
     for path in files:
         with open(os.path.join(ROOT, path)) as f:
@@ -213,6 +214,20 @@ def test_run_time_guard_catches_autodiff(monkeypatch):
 
 
 ALIASED_VJP = jax.vjp  # bound at import, before any monkeypatch: as `from jax import vjp` would be
+
+
+@pytest.mark.parametrize("kind", ["modern", "original", "lenet"])
+def test_the_input_gradient_paths_run_without_autodiff(monkeypatch, kind):
+    """--fgsm's attack traces, and the backprop pictures' forward and backward run, with every
+    differentiation entry point replaced by one that raises."""
+    forbid_autodiff(monkeypatch)
+    network = model.build_network(kind)  # a new network: nothing compiled for it yet, so all is traced
+    params = network.init(jax.random.PRNGKey(0))
+    images, labels = np.zeros((200, 28, 28), np.uint8), np.arange(200, dtype=np.int32) % 10
+    lowered = adversarial.make_attack(network).lower(params, images, labels, np.float32(0.1))
+    assert lowered.out_info.shape == (200,)
+    maps, d_x, predicted = backprop_pictures.look_inside(network, params, images[:3], labels[:3])
+    assert d_x.shape == (1, 28, 28, 3) and maps[0][0] == "input" and predicted.shape == (3,)
 
 
 # What each layer of the house may import of the project's own modules.
