@@ -44,13 +44,14 @@ class Convolutional:
         tied_biases: True gives one bias per filter, biases (D,); False gives the original's
             untied biases, one per filter and output position, biases (D, H_out, W_out).
         weight_init: "he" draws weights ~ N(0, 2 / (C*K*K)), suited to a following ReLU;
+            "lecun" ~ N(0, 1 / (C*K*K)), suited to a following tanh (LeCun et al. 1998);
             "normal" draws them ~ N(0, 1) unscaled, as the original did.
     """
 
     def __init__(self, input_shape, kernel_size, depth, padding=0, stride=1,
                  tied_biases=True, weight_init="he"):
-        if weight_init not in ("he", "normal"):
-            raise ValueError(f"weight_init must be 'he' or 'normal', not {weight_init!r}")
+        if weight_init not in ("he", "lecun", "normal"):
+            raise ValueError(f"weight_init must be 'he', 'lecun' or 'normal', not {weight_init!r}")
         self.input_shape = tuple(input_shape)
         self.kernel_size, self.depth = kernel_size, depth
         self.padding, self.stride = padding, stride
@@ -70,9 +71,10 @@ class Convolutional:
         """Returns {"weights": (D, C, K, K), "biases": (D,) or (D, H_out, W_out)}; biases start at 0."""
         C, K = self.input_shape[0], self.kernel_size
         weights = jax.random.normal(key, (self.depth, C, K, K), dtype)
-        if self.weight_init == "he":
+        if self.weight_init != "normal":
             # The barrier: see Dense.init (the same weights whether Network.init is compiled or not).
-            weights = lax.optimization_barrier(weights) * math.sqrt(2.0 / (C * K * K))
+            gain = 2.0 if self.weight_init == "he" else 1.0
+            weights = lax.optimization_barrier(weights) * math.sqrt(gain / (C * K * K))
         bias_shape = (self.depth,) if self.tied_biases else self.output_shape(self.input_shape)
         return {"weights": weights, "biases": jnp.zeros(bias_shape, dtype)}
 

@@ -1,4 +1,4 @@
-"""Fully connected layer, and the two small layers that sit around it: ReLU and Flatten.
+"""Fully connected layer, and the small layers that sit around it: ReLU, Tanh and Flatten.
 
 Dense (THEORY.md §3.4 forward, §4.1 backward), with X (N, I), weights A (I, O), b (O,):
     Y  = X A + b                    (N, O)
@@ -6,6 +6,7 @@ Dense (THEORY.md §3.4 forward, §4.1 backward), with X (N, I), weights A (I, O)
     db = sum_n dY[n]                (O,)
     dX = dY A^T                     (N, I)
 ReLU (§3.2, §4.2): y = max(x, 0), dx = dy * [x > 0]  (the derivative at 0 is taken as 0).
+Tanh (§4.9): y = A tanh(S x), dx = dy * S (A - y^2 / A); A = S = 1, or LeCun's A = 1.7159, S = 2/3.
 Flatten: (C, H, W, N) feature maps to (N, C*H*W) rows, a reshape and a transpose; its backward
 undoes both.
 """
@@ -70,6 +71,31 @@ class ReLU:
     def backward(self, params, cache, d_y):
         x = cache
         return jnp.where(x > 0, d_y, jnp.zeros((), d_y.dtype)), {}
+
+
+class Tanh:
+    """Elementwise y = A tanh(S x) on an array of any shape; no parameters. scaled=False: A = S = 1.
+    scaled=True: LeCun's A = 1.7159, S = 2/3 (1998, appendix A), so that tanh's steepest part spans
+    inputs of about +-1 and f(+-1) = +-1."""
+
+    def __init__(self, scaled=False):
+        self.amplitude, self.slope = (1.7159, 2 / 3) if scaled else (1.0, 1.0)
+
+    def output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def init(self, key, dtype=jnp.float32):
+        return {}
+
+    def forward(self, params, x):
+        """x -> (y, cache = y): the derivative is a function of the output."""
+        y = self.amplitude * jnp.tanh(self.slope * x)
+        return y, y
+
+    def backward(self, params, cache, d_y):
+        """dy/dx = A S (1 - tanh^2(S x)) = S (A - y^2 / A) (THEORY.md §4.9)."""
+        y = cache
+        return d_y * self.slope * (self.amplitude - y * y / self.amplitude), {}
 
 
 class Flatten:

@@ -1,5 +1,5 @@
-"""Max pooling over K x K windows with stride S, forward and backward as THEORY.md derives them
-(§3.3 forward, §4.3 backward).
+"""Max pooling and average pooling over K x K windows with stride S, forward and backward as
+THEORY.md derives them (§3.3 and §4.3 max, §4.8 average).
 
     y[c, h, w, n] = max_{i, j < K} x[c, S*h + i, S*w + j, n]      (batch last, as in Convolutional.py)
     H_out = floor((H - K) / S) + 1, likewise W_out.
@@ -65,3 +65,35 @@ class MaxPool:
             is_max = slices == slices.max(axis=0)
         d_slices = jnp.where(is_max, d_y, jnp.zeros((), d_y.dtype))
         return add_offset_slices(dict(zip(offsets, d_slices)), x.shape[1:3], self.stride), {}
+
+
+class AvgPool:
+    """Average pooling (LeNet-5's subsampling, without its trainable coefficients); no parameters.
+    Input (C, H, W, N) -> output (C, H_out, W_out, N), THEORY.md §4.8:
+
+        y[c, h, w, n] = (1 / K^2) sum_{i, j < K} x[c, S*h + i, S*w + j, n]
+        dx: every slice (i, j) receives dy / K^2, put back where it came from, overlaps adding up.
+    """
+
+    def __init__(self, window=2, stride=2):
+        self.window, self.stride = window, stride
+
+    def output_shape(self, input_shape):
+        """(C, H, W) -> (C, H_out, W_out)."""
+        C, H, W = input_shape
+        return C, output_size(H, self.window, self.stride), output_size(W, self.window, self.stride)
+
+    def init(self, key, dtype=jnp.float32):
+        return {}
+
+    def forward(self, params, x):
+        """x (C, H, W, N) -> (y (C, H_out, W_out, N), cache = the input's shape)."""
+        slices = offset_slices(x, self.window, self.stride)
+        return sum(slices.values()) / self.window ** 2, x.shape
+
+    def backward(self, params, cache, d_y):
+        """d_y (C, H_out, W_out, N) -> (d_x (C, H, W, N), {}): y is linear in x, each input of a window
+        weighing 1 / K^2, so each slice's gradient is d_y / K^2."""
+        offsets = [(i, j) for i in range(self.window) for j in range(self.window)]
+        share = d_y / self.window ** 2
+        return add_offset_slices({offset: share for offset in offsets}, cache[1:3], self.stride), {}

@@ -7,10 +7,10 @@
 2. sgd_update applies the gradients (§5); make_train_epoch compiles a whole epoch, a lax.scan of
    forward, backward and update over the minibatches, split across devices if asked (§5.1).
 3. train runs the epochs, evaluating after each; main is the whole run, from flags to files.
-No autodiff anywhere. What runs this without being part of the lesson (the presets and flags,
-checkpoints, devices, processes, signals, pictures, --predict) lives in machinery/, which never
-imports this file.
+No autodiff anywhere. What runs this without being part of the lesson (presets, flags, checkpoints,
+devices, processes, signals, pictures, --predict, --fgsm) lives in machinery/, never importing this.
 """
+
 import signal
 
 from machinery.stopping import stop_at_once
@@ -28,7 +28,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from DenseLayer import Dense, Flatten, ReLU
+from DenseLayer import Dense, Flatten, ReLU, Tanh
+from Pooling_layer import AvgPool
 from data import (MNIST_CLASSES, MNIST_INPUT_SHAPE, dataset_file, fingerprint, image_size, ink_span,
                   load_idx, number_of_classes, to_input)
 from fast_layers import FastConvolutional, FastMaxPool
@@ -139,13 +140,11 @@ def sizeless(layer_class, *args, **options):
 
 
 NETWORKS = {
-    # The default run's network (THEORY.md §6).
     "modern": dict(layers=[conv(3, 5), sizeless(ReLU), sizeless(FastMaxPool, 2, 2), sizeless(Flatten), dense(64),
                            sizeless(ReLU), dense(CLASSES)],
-                   loss=SoftmaxCrossEntropy),
-    # The original's: N(0, 1) filters with untied biases, every tied maximum of a pooling window
-    # taking the gradient, a separate softmax and the clipped cross-entropy, and one key shared by
-    # every layer's initialisation.
+                   loss=SoftmaxCrossEntropy),  # the default run's (THEORY.md §6)
+    # The original's: N(0, 1) filters with untied biases, every tied maximum of a pooling window taking
+    # the gradient, a separate softmax and the clipped cross-entropy, one key for every layer's weights.
     "original": dict(layers=[conv(3, 5, tied_biases=False, weight_init="normal"), sizeless(ReLU),
                              sizeless(FastMaxPool, 2, 2, ties="all"), sizeless(Flatten), dense(64), sizeless(ReLU),
                              dense(CLASSES), sizeless(Softmax)],
@@ -156,6 +155,13 @@ NETWORKS = {
                           conv(5, 16), sizeless(ReLU), sizeless(FastMaxPool, 2, 2), sizeless(Flatten),
                           dense(120), sizeless(ReLU), dense(84), sizeless(ReLU), dense(CLASSES)],
                   loss=SoftmaxCrossEntropy),
+    # LeNet-5 closer to LeCun et al. 1998: the scaled tanh and average pooling, weights drawn for tanh
+    # (README.md says where it still differs from the paper).
+    "lenet1998": dict(layers=[conv(5, 6, padding=2, weight_init="lecun"), sizeless(Tanh, scaled=True),
+                              sizeless(AvgPool, 2, 2), conv(5, 16, weight_init="lecun"), sizeless(Tanh, scaled=True),
+                              sizeless(AvgPool, 2, 2), sizeless(Flatten), dense(120), sizeless(Tanh, scaled=True),
+                              dense(84), sizeless(Tanh, scaled=True), dense(CLASSES)],
+                      loss=SoftmaxCrossEntropy),
 }
 
 

@@ -18,9 +18,11 @@ PRESETS = {
                  schedule="constant", warmup_epochs=0, train_size=5000, shuffle=False, seed=0),
     "lenet": dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
                   warmup_epochs=0, train_size=60000, shuffle=True, seed=0),
+    "lenet1998": dict(epochs=20, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                      warmup_epochs=0, train_size=60000, shuffle=True, seed=0),
 }
 # The network each preset builds (model.NETWORKS); a checkpoint records it and refuses to load into the other.
-PRESET_NETWORK = {"default": "modern", "seed": "original", "lenet": "lenet"}
+PRESET_NETWORK = {"default": "modern", "seed": "original", "lenet": "lenet", "lenet1998": "lenet1998"}
 # The seeds a run accepts: its key is drawn by a compiled function whose argument is a 32-bit integer.
 SEEDS = (-2 ** 31, 2 ** 31 - 1)
 
@@ -73,7 +75,8 @@ def build_parser():
                     "Flags given explicitly override the preset's values.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="'default': modern run on all 60,000 images; 'seed': the original run "
-                             "exactly; 'lenet': LeNet-5 on all 60,000 images (default: default)")
+                             "exactly; 'lenet': LeNet-5 on all 60,000 images; 'lenet1998': LeNet-5 with LeCun's "
+                             "scaled tanh and average pooling (default: default)")
     for flag, kind, text in [
         ("--epochs", int, "passes over the training images"),
         ("--batch-size", int, "images per SGD step (the last incomplete batch of an epoch is skipped)"),

@@ -16,8 +16,8 @@ import pytest
 import fast_layers
 import model
 from Convolutional import Convolutional
-from DenseLayer import Dense, Flatten, ReLU
-from Pooling_layer import MaxPool
+from DenseLayer import Dense, Flatten, ReLU, Tanh
+from Pooling_layer import AvgPool, MaxPool
 from fast_layers import FastConvolutional, FastMaxPool
 from gradcheck import (layer_errors_vs_finite_differences, layer_errors_vs_vjp, layer_errors_vs_vjp_cases,
                        quick_jit, relative_error)
@@ -181,6 +181,8 @@ def test_max_pool_matches_vjp(kind, window, stride, ties):
     (Dense(1, 1), (1, 1), (1, 1)),
     (Dense(845, 64), (2, 845), (2, 64)),
     (ReLU(), (3, 2, 4, 5), (3, 2, 4, 5)),
+    (Tanh(), (3, 2, 4, 5), (3, 2, 4, 5)),
+    (Tanh(scaled=True), (4, 7), (4, 7)),
     (Flatten(), (2, 4, 5, 3), (3, 40)),
     (Softmax(), (4, 10), (4, 10)),
 ])
@@ -215,6 +217,8 @@ def test_losses_match_vjp():
     (lambda: MaxPool(3, 1, "all"), (2, 5, 5, 1)),
     (lambda: Dense(6, 4), (3, 6)),
     (lambda: ReLU(), (2, 3, 4)),
+    (lambda: Tanh(scaled=True), (2, 3, 4)),
+    (lambda: AvgPool(3, 2), (2, 7, 6, 2)),
     (lambda: Flatten(), (3, 2, 2, 2)),
     (lambda: Softmax(), (3, 5)),
 ])
@@ -335,6 +339,9 @@ def test_parameter_shapes_and_init():
     (MaxPool(2, 3), (1, 9, 10)),
     (ReLU(), (5, 26, 26)),
     (ReLU(), (64,)),
+    (Tanh(scaled=True), (6, 28, 28)),
+    (AvgPool(2, 2), (6, 28, 28)),
+    (AvgPool(3, 2), (4, 11, 8)),
     (Flatten(), (5, 13, 13)),
     (Dense(845, 64), (845,)),
     (Softmax(), (10,)),
@@ -396,7 +403,7 @@ def test_fast_max_pool_equals_the_plain_form(window, stride, ties):
         np.testing.assert_array_equal(fast[1], plain[1])
 
 
-@pytest.mark.parametrize("kind", ["modern", "original", "lenet"])
+@pytest.mark.parametrize("kind", ["modern", "original", "lenet", "lenet1998"])
 def test_network_gradients_match_autodiff(kind):
     """loss_and_grads of the whole network (float64) against jax.grad of the same forward pass."""
     network = model.build_network(kind)
@@ -429,7 +436,7 @@ def test_network_gradients_match_autodiff(kind):
             assert error <= 1e-9, (kind, index, name, error)
 
 
-@pytest.mark.parametrize("kind", ["modern", "original", "lenet"])
+@pytest.mark.parametrize("kind", ["modern", "original", "lenet", "lenet1998"])
 def test_input_gradient_matches_autodiff(kind):
     """The first layer's d_x, which training never reads, from the network's own backward pass:
     the gradient of the mean loss with respect to every input pixel, against jax.grad in float64."""
@@ -451,3 +458,40 @@ def test_input_gradient_matches_autodiff(kind):
     error = relative_error(d_x, reference)
     report(f"{kind} network, d_input vs jax.grad", {"d_x": error})
     assert error <= 1e-9, error
+
+
+def avg_pool_naive(x, window, stride):
+    """y and, for an upstream d_y, d_x of average pooling, by loops over every index (numpy)."""
+    C, H, W, N = x.shape
+    H_out, W_out = (H - window) // stride + 1, (W - window) // stride + 1
+    y = np.zeros((C, H_out, W_out, N))
+    for c, h, w, n in np.ndindex(C, H_out, W_out, N):
+        y[c, h, w, n] = x[c, stride * h:stride * h + window, stride * w:stride * w + window, n].mean()
+    return y
+
+
+def avg_pool_backward_naive(x_shape, d_y, window, stride):
+    d_x = np.zeros(x_shape)
+    for c, h, w, n in np.ndindex(*d_y.shape):
+        d_x[c, stride * h:stride * h + window, stride * w:stride * w + window, n] += d_y[c, h, w, n] / window ** 2
+    return d_x
+
+
+@pytest.mark.parametrize("window, stride", [(1, 1), (2, 2), (3, 3), (2, 1), (3, 2), (5, 3), (2, 3), (4, 1)])
+def test_avg_pool_matches_vjp_and_naive_loops(window, stride):
+    """Windows 1 to 5, strides 1 to 3, overlapping (stride < window), tiling and with gaps, sizes
+    that leave a remainder, several channels: against jax.vjp (float64) and the loops above."""
+    rng = np.random.default_rng(window * 10 + stride)
+    layer, worst = AvgPool(window, stride), {}
+    for C, H, W, N in [(1, 5, 5, 1), (3, 7, 6, 2), (2, 9, 13, 3)]:
+        (x,) = random_arrays(rng, (C, H, W, N))
+        d_y = jnp.asarray(rng.standard_normal(layer.output_shape((C, H, W)) + (N,)))
+        errors = layer_errors_vs_vjp(layer, {}, x, d_y)
+        for array, error in errors.items():
+            worst[array] = max(worst.get(array, 0.0), error)
+            assert error <= VJP_BOUND, (window, stride, x.shape, array, error)
+        y, d_x = quick_jit(lambda x, d_y: (layer.forward({}, x)[0], layer.backward({}, layer.forward({}, x)[1], d_y)[0]),
+                           x, d_y)
+        assert relative_error(y, avg_pool_naive(np.asarray(x), window, stride)) <= 1e-12
+        assert relative_error(d_x, avg_pool_backward_naive(x.shape, np.asarray(d_y), window, stride)) <= 1e-12
+    report(f"AvgPool({window},{stride}) vs jax.vjp", worst)
