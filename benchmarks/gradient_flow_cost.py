@@ -10,7 +10,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -18,45 +17,26 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import model  # noqa: E402
 from data import load_idx  # noqa: E402
-from machinery.flags import parse_args  # noqa: E402
-from machinery.schedule import learning_rates  # noqa: E402
+from speed import epochs_taking_turns, preset_epoch  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=9, help="epochs of each (default: %(default)s)")
-    parser.add_argument("--preset", default="default", help="whose network and batch size (default: %(default)s)")
-    epochs = parser.parse_args(argv).epochs
-    args = parse_args(["--preset", parser.parse_args(argv).preset])
-    train_images, train_labels = load_idx(os.path.join(ROOT, "data"))[:2]
-    network = model.build_network(model.flags.PRESET_NETWORK[args.preset])
-    params = network.init(model.run_keys(args.seed)[0])
-    velocity = jax.tree_util.tree_map(lambda p: np.zeros(p.shape, p.dtype), params) if args.momentum else None
-    steps = args.train_size // args.batch_size
-    arrays = [jax.device_put(array) for array in (train_images, train_labels.astype(np.int32),
-                                                  np.arange(steps * args.batch_size, dtype=np.int32),
-                                                  learning_rates(args.schedule, args.lr, 0, args.epochs, steps))]
-    with_flow = model.make_train_epoch(network, args.momentum, args.weight_decay)
+    parser.add_argument("--preset", default="default", help="whose network and settings (default: %(default)s)")
+    options = parser.parse_args(argv)
+    with_flow, state, inputs = preset_epoch(options.preset, load_idx(os.path.join(ROOT, "data"))[:2])
     # The same function, its fourth output (the gradient flow) dropped: XLA removes what computes it.
-    without_flow = jax.jit(lambda *inputs: with_flow(*inputs)[:3], donate_argnums=(0, 1))
-    sides = {"with gradient flow": with_flow, "without": without_flow}
-    state = {name: jax.tree_util.tree_map(np.copy, (params, velocity)) for name in sides}
-    times = {name: [] for name in sides}
-    for epoch in range(epochs + 1):  # the first of each compiles, and is not counted
-        for name, epoch_function in sides.items():
-            start = time.perf_counter()
-            outputs = epoch_function(*state[name], *arrays)
-            jax.block_until_ready(outputs)
-            if epoch:
-                times[name].append(time.perf_counter() - start)
-            state[name] = outputs[:2]
-    with_median, without_median = (statistics.median(times[name]) for name in sides)
+    without_flow = jax.jit(lambda *arrays: with_flow(*arrays)[:3], donate_argnums=(0, 1))
+    copies = [jax.tree_util.tree_map(np.copy, state) for _ in range(2)]  # each side updates its own, in place
+    times = epochs_taking_turns({"with": (with_flow, copies[0], inputs), "without": (without_flow, copies[1], inputs)},
+                                options.epochs)
+    with_median, without_median = (statistics.median(seconds) for seconds in times.values())
     # Each epoch against the one just before it: the drift of the machine between them is least.
     pair_ratio = statistics.median(a / b for a, b in zip(*times.values()))
-    print(f"{args.preset} network, {epochs} epochs of each, taking turns: median epoch {with_median:.3f} s with the "
-          f"gradient flow, {without_median:.3f} s without; median ratio of neighbouring epochs "
+    print(f"{options.preset} network, {options.epochs} epochs of each, taking turns: median epoch {with_median:.3f} s "
+          f"with the gradient flow, {without_median:.3f} s without; median ratio of neighbouring epochs "
           f"{pair_ratio:.3f} ({100 * (pair_ratio - 1):+.1f}%)")
 
 

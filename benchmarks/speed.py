@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 import data  # noqa: E402
@@ -42,6 +43,7 @@ import model  # noqa: E402
 from DenseLayer import ReLU  # noqa: E402
 from data import load_idx  # noqa: E402
 from machinery import devices, errors, files, flags  # noqa: E402
+from machinery.schedule import learning_rates  # noqa: E402
 
 
 def peer_loss(params, images, labels):
@@ -224,6 +226,47 @@ def whole_runs(mnist, quick):
             "default_compile_seconds": default_compile}
 
 
+def epochs_taking_turns(sides, epochs):
+    """sides: {name: (a compiled epoch, its (params, velocity), its other inputs)}. Runs the epochs of
+    every side in turn, epochs + 1 times (the first of each compiles, and is not counted), so that the
+    machine's drift weighs on all alike. Returns {name: [seconds of each counted epoch]}."""
+    times = {name: [] for name in sides}
+    state = {name: state for name, (_, state, _) in sides.items()}
+    for epoch in range(epochs + 1):
+        for name, (epoch_function, _, inputs) in sides.items():
+            start = time.perf_counter()
+            outputs = jax.block_until_ready(epoch_function(*state[name], *inputs))
+            if epoch:
+                times[name].append(time.perf_counter() - start)
+            state[name] = outputs[:2]
+    return times
+
+
+def preset_epoch(preset, mnist, train_size=None):
+    """(the compiled epoch of the preset's network at its settings, (params, velocity), the other
+    inputs) for epochs_taking_turns; train_size: fewer images than the preset's."""
+    args = flags.parse_args(["--preset", preset] + (["--train-size", str(train_size)] if train_size else []))
+    network = model.build_network(flags.PRESET_NETWORK[preset])
+    params = network.init(model.run_keys(args.seed)[0])
+    velocity = jax.tree_util.tree_map(lambda p: np.zeros(p.shape, p.dtype), params) if args.momentum else None
+    steps = args.train_size // args.batch_size
+    images, labels = mnist[0][:args.train_size], mnist[1][:args.train_size].astype(np.int32)
+    inputs = [jax.device_put(array) for array in (images, labels, np.arange(steps * args.batch_size, dtype=np.int32),
+                                                  learning_rates(args.schedule, args.lr, 0, args.epochs, steps))]
+    return model.make_train_epoch(network, args.momentum, args.weight_decay), (params, velocity), inputs
+
+
+def lenet_variants(mnist, epochs=5, train_size=None):
+    """Epochs of --preset lenet and of the LeNet-5 variants, taking turns: each one's median epoch
+    and its ratio to lenet's."""
+    presets = ("lenet", "lenet1998")
+    sides = {preset: preset_epoch(preset, mnist, train_size) for preset in presets}
+    times = epochs_taking_turns(sides, epochs)
+    medians = {preset: statistics.median(seconds) for preset, seconds in times.items()}
+    return {preset: {"median_epoch_seconds": median, "ratio_to_lenet": median / medians["lenet"]}
+            for preset, median in medians.items()}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of everything, no timing claims")
@@ -262,6 +305,8 @@ def main(argv=None):
                           for batch_size in ((quick_batch,) if args.quick else (1, 32, 128))],
         "lenet_training_step": lenet_step_row(lenet, lenet_params, quick_batch if args.quick else 128, *timing),
         "whole_runs": whole_runs(mnist, args.quick),
+        # Not in --quick: compiling two more LeNet-5 epochs would double the quick run's time.
+        "lenet_variants": {} if args.quick else lenet_variants(mnist),
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -321,6 +366,9 @@ def print_results(results, comparisons):
           f"(median {runs['seed_preset_epoch_seconds']:.3f} s per {runs['seed_preset_epoch_images']:,}-image epoch)")
     print(f"default: median {runs['default_epoch_seconds']:.3f} s per {runs['default_epoch_images']:,}-image "
           f"epoch at batch {runs['default_batch_size']} (compile {runs['default_compile_seconds']:.2f} s)")
+    print("LeNet-5 variants, taking turns: " + ", ".join(  # (none with --quick)
+        f"{preset} {row['median_epoch_seconds']:.2f} s ({row['ratio_to_lenet']:.2f} of lenet's)"
+        for preset, row in results["lenet_variants"].items()))
 
 
 if __name__ == "__main__":

@@ -42,8 +42,16 @@ def test_quick_benchmark_runs_and_writes_results(tmp_path, capsys):
     assert lenet["ours"]["milliseconds_per_step"] > 0 and lenet["jax_grad_nhwc"]["milliseconds_per_step"] > 0
     assert {"cpu", "cores", "jax_version", "device"} <= set(results["machine"])
     assert results["whole_runs"]["seed_preset_train_seconds"] > 0
+    assert results["lenet_variants"] == {}  # timed only in a full run
     printed = capsys.readouterr().out
     assert "ours/same layout" in printed and "per 3,000-image epoch at batch 32 " in printed, printed
+
+
+def test_lenet_variants_take_turns(mnist):
+    """The LeNet-5 variants' epochs taking turns (one short epoch each): what a full run reports."""
+    variants = speed.lenet_variants(mnist, epochs=1, train_size=256)
+    assert sorted(variants) == ["lenet", "lenet1998"] and variants["lenet"]["ratio_to_lenet"] == 1
+    assert variants["lenet1998"]["median_epoch_seconds"] > 0
 
 
 @pytest.mark.parametrize("kind, peer", [("modern", speed.same_layout_loss_and_grads),
