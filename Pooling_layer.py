@@ -31,13 +31,12 @@ import jax.numpy as jnp
 from windows import add_offset_slices, offset_slices, output_size
 
 
-class MaxPool:
-    """Max pooling; no parameters. Input (C, H, W, N) -> output (C, H_out, W_out, N)."""
+class Pooling:
+    """What every pooling shares: a K x K window (K = window) moving with stride S, no parameters,
+    input (C, H, W, N) -> output (C, H_out, W_out, N)."""
 
-    def __init__(self, window=2, stride=2, ties="first"):
-        if ties not in ("first", "all"):
-            raise ValueError(f"ties must be 'first' or 'all', not {ties!r}")
-        self.window, self.stride, self.ties = window, stride, ties
+    def __init__(self, window=2, stride=2):
+        self.window, self.stride = window, stride
 
     def output_shape(self, input_shape):
         """(C, H, W) -> (C, H_out, W_out)."""
@@ -46,6 +45,16 @@ class MaxPool:
 
     def init(self, key, dtype=jnp.float32):
         return {}
+
+
+class MaxPool(Pooling):
+    """Max pooling, with the tie rule of the module's docstring."""
+
+    def __init__(self, window=2, stride=2, ties="first"):
+        if ties not in ("first", "all"):
+            raise ValueError(f"ties must be 'first' or 'all', not {ties!r}")
+        super().__init__(window, stride)
+        self.ties = ties
 
     def forward(self, params, x):
         """x (C, H, W, N) -> (y (C, H_out, W_out, N), cache = x): the maximum over the K*K slices."""
@@ -67,24 +76,12 @@ class MaxPool:
         return add_offset_slices(dict(zip(offsets, d_slices)), x.shape[1:3], self.stride), {}
 
 
-class AvgPool:
-    """Average pooling (LeNet-5's subsampling, without its trainable coefficients); no parameters.
-    Input (C, H, W, N) -> output (C, H_out, W_out, N), THEORY.md §4.8:
+class AvgPool(Pooling):
+    """Average pooling (LeNet-5's subsampling, without its trainable coefficients), THEORY.md §4.8:
 
         y[c, h, w, n] = (1 / K^2) sum_{i, j < K} x[c, S*h + i, S*w + j, n]
         dx: every slice (i, j) receives dy / K^2, put back where it came from, overlaps adding up.
     """
-
-    def __init__(self, window=2, stride=2):
-        self.window, self.stride = window, stride
-
-    def output_shape(self, input_shape):
-        """(C, H, W) -> (C, H_out, W_out)."""
-        C, H, W = input_shape
-        return C, output_size(H, self.window, self.stride), output_size(W, self.window, self.stride)
-
-    def init(self, key, dtype=jnp.float32):
-        return {}
 
     def forward(self, params, x):
         """x (C, H, W, N) -> (y (C, H_out, W_out, N), cache = the input's shape)."""
