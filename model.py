@@ -300,9 +300,9 @@ def run_keys(seed):
 def train(network, params, args, train_images, train_labels, eval_images, eval_labels, log=print,
           eval_name="test", resume=None, after_epoch=None, stop=lambda: False, mesh=None):
     """Runs the epochs of args.epochs not yet done. Returns (params, epochs, compile_seconds,
-    train_seconds, predictions), where epochs is a list of {"epoch", "train_loss",
-    "<eval_name>_accuracy", "seconds"}, those of `resume` first, and predictions the classes the
-    returned params give eval_images (None if no epoch ran).
+    train_seconds, predictions), where epochs is a list of {"epoch", "train_loss", "<eval_name>_accuracy",
+    "seconds", "gradient_flow"}, those of `resume` first, and predictions the classes the returned
+    params give eval_images (None if no epoch ran).
 
     resume: {"velocity", "shuffle_key", "epochs"} of a run to continue, or None.
     after_epoch(params, velocity, shuffle_key, epochs): called after every epoch, to checkpoint.

@@ -14,5 +14,7 @@
     exits.py       the program's exit: one line for every error a user can act on
     report.py      the run's opening line, its recorded configuration, metrics.json's numbers
     pictures.py    metrics.json and the pictures a run writes
+    backprop_pictures.py  gradient flow, feature maps, input gradients, the attack: pictures of backprop
+    adversarial.py --fgsm: the fast gradient sign attack with the network's own input gradient
     drawings.py    --predict: a picture file prepared as the training images were, and classified
 """
