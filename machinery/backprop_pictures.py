@@ -26,19 +26,18 @@ def look_inside(network, params, images, labels):
     respect to its pixels (C, H, W, M), the predicted classes (M,)), in one compiled function."""
     def inside(params, images, labels):
         x = to_input(images)
-        maps = [("input", x)]
+        maps = [x]
         for layer, layer_params in zip(network.layers, params):
-            x, _ = layer.forward(layer_params, x)
-            if x.ndim != 4:
-                break
-            maps.append((type(layer).__name__.removeprefix("Fast"), x))
-        _, d_x, _ = network.loss_and_gradients(params, to_input(images), labels)
+            maps.append(layer.forward(layer_params, maps[-1])[0])
+        _, d_x, _ = network.loss_and_gradients(params, x, labels)
         # The loss is the mean over the M images: each image's own gradient is M times its share.
-        return [array for _, array in maps], d_x * images.shape[0], network.probabilities(params, to_input(images))
+        images_only = [output for output in maps if output.ndim == 4]
+        return images_only, d_x * images.shape[0], network.loss.probabilities(maps[-1])
 
     arrays, d_x, probabilities = jax.jit(inside, compiler_options=ONCE_OPTIMISED)(params, images,
                                                                                  labels.astype(np.int32))
-    names = ["input"] + [type(layer).__name__.removeprefix("Fast") for layer in network.layers][:len(arrays) - 1]
+    # The layers whose outputs are images come first, up to the first that flattens them.
+    names = ["input"] + [type(layer).__name__.removeprefix("Fast") for layer in network.layers]
     maps = list(zip(names, (np.asarray(array) for array in arrays)))
     return maps, np.asarray(d_x), np.asarray(probabilities).argmax(-1)
 
